@@ -1,0 +1,1 @@
+"""Command line (click). Only calls the service layer."""

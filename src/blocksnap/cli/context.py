@@ -1,0 +1,51 @@
+"""Global options shared by every command, and JSON/plain output helpers."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+DEFAULT_POOL = "/var/lib/blocksnap"
+
+
+@dataclass
+class Settings:
+    pool: str
+    verbose: int = 0
+    quiet: bool = False
+    debug: bool = False
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars only on a terminal, never with -q."""
+        return not self.quiet and sys.stderr.isatty()
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def emit(data: Any, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return ""
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+    return "\n".join(lines)
+
+
+def env_pool() -> str:
+    return os.environ.get("BLOCKSNAP_POOL", DEFAULT_POOL)

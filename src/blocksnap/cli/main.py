@@ -1,0 +1,76 @@
+"""Entry point: the click group, global options and the one-line error contract."""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from ..errors import BlocksnapError
+from .context import DEFAULT_POOL, Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--pool", envvar="BLOCKSNAP_POOL", default=DEFAULT_POOL, show_default=True,
+              help="Pool directory (env BLOCKSNAP_POOL).")
+@click.option("-v", "--verbose", count=True, help="More output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, less output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="blocksnap")
+@click.pass_context
+def cli(ctx: click.Context, pool: str, verbose: int, quiet: bool, debug: bool) -> None:
+    """blocksnap: block-level snapshots, FUSE export, freeze hooks and backups."""
+    ctx.obj = Settings(pool=pool, verbose=verbose, quiet=quiet, debug=debug)
+
+
+def _register() -> None:
+    from . import data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, volume_cmd
+    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, freeze_cmd, serve_cmd):
+        for command in getattr(mod, "COMMANDS", []):
+            cli.add_command(command)
+
+
+_register()
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Run the CLI: user errors become `error: ...` (exit 1), usage errors exit 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="blocksnap", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        # usage errors: one line, exit 2
+        msg = e.format_message().splitlines()[0] if e.format_message() else str(e)
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except BlocksnapError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        click.echo(f"error: {e.strerror or e}{where}", err=True)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - last resort: never a traceback without --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal error: {type(e).__name__}: {e}", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""The engine: pool, volumes, snapshots, block maps and their crash-safe commit."""

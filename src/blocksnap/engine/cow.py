@@ -1,0 +1,284 @@
+"""COW (copy-on-write) volumes: live data stays in the origin, written in place.
+
+Snapshot maps form a chain, oldest first. An entry in snapshot i is set when the
+block was overwritten after snapshot i and before snapshot i+1 (or now, for the
+newest); HOLE means "unchanged since: look in the next newer snapshot, then the
+origin". So the first write to a block after a snapshot copies it once, into the
+newest snapshot only, and every older snapshot that still needs the old content
+finds it there: one copy, however many snapshots (classic LVM copies per snapshot).
+The copy is committed before the origin is written.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidArgument, NotFound
+from ..store import FileStore
+from .blockio import block_sums, mask_runs, nonzero_blocks, read_stored, write_stored
+from .catalog import SnapshotRow, VolumeRow
+from .layout import HOLE, PAGE_ENTRIES, ZERO
+from .radix import Tree, levels_for
+from .volume_base import VolumeBase
+
+E = PAGE_ENTRIES
+CHUNK_BLOCKS_BYTES = 8 << 20
+
+
+class CowVolume(VolumeBase):
+    mode = "cow"
+
+    def __init__(self, pool, row: VolumeRow, snaps: list[SnapshotRow]):
+        super().__init__(pool, row, snaps)
+        self.levels = row.levels
+        self.trees = {s.name: Tree(s.root, s.levels, self.units) for s in self.snapshot_rows}
+        self._origin: FileStore | None = None
+        self._origin_dirty = False
+
+    def row(self) -> VolumeRow:
+        return VolumeRow(self.name, self.mode, self.size, self.block_size, self.origin,
+                         0, self.levels, self.created, self.extra)
+
+    @property
+    def origin_store(self) -> FileStore:
+        if self._origin is None:
+            try:
+                self._origin = FileStore(self.origin)
+            except NotFound:
+                raise NotFound(f"origin {self.origin} of volume {self.name!r} is missing") from None
+            if self._origin.size < self.size:
+                self._origin.close()
+                self._origin = None
+                raise InvalidArgument(f"origin {self.origin} shrank below the size of volume {self.name!r}")
+        return self._origin
+
+    def _sync_origin(self) -> None:
+        if self._origin is not None and self._origin_dirty:
+            self._origin.sync()
+            self._origin_dirty = False
+
+    def _dirty_snapshot_rows(self) -> list[SnapshotRow]:
+        """Rows whose map root moved since the last commit (new or copied root page)."""
+        out = []
+        for s in self.snapshot_rows:
+            t = self.trees[s.name]
+            if (s.root, s.levels) != (t.root, t.levels):
+                s.root, s.levels = t.root, t.levels
+                out.append(s)
+        return out
+
+    def _close(self) -> None:
+        if self._origin is not None:
+            self._origin.close()
+            self._origin = None
+
+    # -- live I/O -------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        with self.pool.lock:
+            self._check()
+            self._bounds(offset, length)
+            return self.origin_store.pread(length, offset)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        with self.pool.lock:
+            self._check()
+            self._bounds(offset, len(data))
+            if not len(data):
+                return
+            bs = self.block_size
+            self._preserve(offset // bs, -(-(offset + len(data)) // bs))
+            self.origin_store.pwrite(data, offset)
+            self._origin_dirty = True
+
+    def _preserve(self, b0: int, b1: int) -> None:
+        """Copy blocks the newest snapshot still reads from the origin, and commit."""
+        if not self.snapshot_rows:
+            return
+        pool, bs = self.pool, self.block_size
+        newest = self.trees[self.snapshot_rows[-1].name]
+        ptrs, _ = pool.maps.get_range(newest, b0, b1)
+        need = ptrs == HOLE
+        if not need.any():
+            return
+        origin = self.origin_store
+        for start, count in mask_runs(need):
+            n = count
+            buf = bytearray(n * bs)
+            origin.preadinto(memoryview(buf), (b0 + start) * bs)
+            nz = nonzero_blocks(buf, n, bs)
+            which = np.flatnonzero(nz)
+            starts = pool.space.alloc(len(which), self.units)
+            try:
+                write_stored(pool.store, starts, bs, buf, which)
+            except BaseException:
+                pool.space.release_now(starts, self.units)
+                raise
+            entries = np.full(n, ZERO, np.uint64)
+            entries[which] = starts
+            sums = np.zeros(n, np.uint64)
+            sums[which] = block_sums(buf, which, bs)
+            pool.maps.set_range(newest, b0 + start, entries, sums)
+        pool.commit(sync_origins=False)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zero a range of the origin (after preserving it for the snapshots)."""
+        with self.pool.lock:
+            self._check()
+            self._bounds(offset, length)
+            step = CHUNK_BLOCKS_BYTES
+            for off in range(offset, offset + length, step):
+                n = min(step, offset + length - off)
+                self.write(off, bytes(n))
+
+    def flush(self) -> None:
+        self.pool.commit()
+
+    def resize(self, size: int) -> None:
+        raise InvalidArgument(f"volume {self.name!r} is a cow volume: its size is its origin's")
+
+    # -- snapshots -------------------------------------------------------------
+    def _create_snapshot(self, name: str, labels, consistency: str, hooks) -> SnapshotRow:
+        self.origin_store  # a snapshot of a missing origin would be empty: refuse early
+        srow = self._new_srow(name, labels, consistency, hooks, 0, levels_for(self.nblocks))
+        self.pool.commit()  # origin fsync: the snapshot's unchanged blocks are durable there
+        self.pool.commit(snapshots=[srow])
+        self.snapshot_rows.append(srow)
+        self.trees[name] = Tree(0, srow.levels, self.units)
+        return srow
+
+    def _resolve(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entries, sums, in_origin mask) of blocks [b0, b1) as snapshot srow sees them."""
+        n = b1 - b0
+        ptrs = np.zeros(n, np.uint64)
+        sums = np.zeros(n, np.uint64)
+        open_ = np.ones(n, bool)
+        i = self.snapshot_rows.index(srow)
+        for s in self.snapshot_rows[i:]:
+            p, c = self.pool.maps.get_range(self.trees[s.name], b0, b1)
+            take = open_ & (p != HOLE)
+            ptrs[take] = p[take]
+            sums[take] = c[take]
+            open_ &= ~take
+            if not open_.any():
+                break
+        return ptrs, sums, open_
+
+    def _snap_map(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+        ptrs, sums, _ = self._resolve(srow, b0, b1)
+        return ptrs, sums
+
+    def _snap_read(self, srow: SnapshotRow, offset: int, length: int) -> bytes:
+        self._bounds(offset, length)
+        if not length:
+            return b""
+        bs = self.block_size
+        b0, b1 = offset // bs, -(-(offset + length) // bs)
+        ptrs, sums, in_origin = self._resolve(srow, b0, b1)
+        buf = bytearray((b1 - b0) * bs)
+        mv = memoryview(buf)
+        if in_origin.any():
+            origin = self.origin_store
+            for s, c in mask_runs(in_origin):
+                origin.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
+        read_stored(self.pool.store, ptrs, sums, bs, buf, f" in snapshot {self.name}@{srow.name}", b0)
+        start = offset - b0 * bs
+        return bytes(buf[start:start + length])
+
+    def _delete_snapshot(self, srow: SnapshotRow) -> None:
+        """Entries the next older snapshot deferred to move down to it; the rest die."""
+        pool, pp = self.pool, self.pool.pages
+        i = self.snapshot_rows.index(srow)
+        tree = self.trees[srow.name]
+        if i > 0:
+            prev = self.trees[self.snapshot_rows[i - 1].name]
+            for li, pid in list(pool.maps.iter_leaves(tree)):
+                mine, my_sums = pp.ptr[pid].copy(), pp.csum[pid].copy()
+                theirs, their_sums = pool.maps.get_range(prev, li * E, li * E + E)
+                move = (theirs == HOLE) & (mine != HOLE)
+                if not move.any():
+                    continue
+                moved = mine[move]
+                if (moved >= 2).any():
+                    pool.space.incref(moved[moved >= 2])
+                theirs[move] = moved
+                their_sums[move] = my_sums[move]
+                pool.maps.set_range(prev, li * E, theirs, their_sums)
+        self.snapshot_rows.remove(srow)
+        del self.trees[srow.name]
+        pp.decref(tree.root)
+        pool.commit(deleted_snapshots=[(self.name, srow.name)])
+
+    def _changed_mask(self, i: int, j: int | None) -> np.ndarray:
+        """Blocks written after snapshot i and before snapshot j (None: up to now)."""
+        n = self.nblocks
+        mask = np.zeros(n, bool)
+        rows = self.snapshot_rows[i:j]
+        for s in rows:
+            for li, p in self.pool.maps.iter_leaves(self.trees[s.name]):
+                lo, hi = li * E, min(li * E + E, n)
+                if lo < hi:
+                    mask[lo:hi] |= self.pool.pages.ptr[p, :hi - lo] != HOLE
+        return mask
+
+    def _diff(self, ra: SnapshotRow, rb: SnapshotRow | None) -> list[dict[str, int]]:
+        i = self.snapshot_rows.index(ra)
+        j = self.snapshot_rows.index(rb) if rb is not None else None
+        if j is not None and j < i:
+            i, j = j, i
+        return self._extents(self._changed_mask(i, j), self.block_size, self.size)
+
+    def _rollback(self, srow: SnapshotRow) -> None:
+        """Write the snapshot's content of every changed block back into the origin."""
+        mask = self._changed_mask(self.snapshot_rows.index(srow), None)
+        bs = self.block_size
+        step = max(1, CHUNK_BLOCKS_BYTES // bs)
+        for start, count in mask_runs(mask):
+            for b in range(start, start + count, step):
+                c = min(step, start + count - b)
+                off = b * bs
+                length = min(c * bs, self.size - off)
+                self.write(off, self._snap_read(srow, off, length))
+        self.pool.commit()
+
+    def _clone_into(self, srow: SnapshotRow, new_row: VolumeRow, progress=None) -> VolumeRow:
+        """A ROW copy: blocks already in the pool are shared, origin blocks copied."""
+        from .row import RowVolume
+        pool, bs = self.pool, self.block_size
+        clone = RowVolume(pool, new_row, [])
+        n = self.nblocks
+        step = E
+        for b0 in range(0, n, step):
+            b1 = min(n, b0 + step)
+            ptrs, sums, in_origin = self._resolve(srow, b0, b1)
+            shared = ptrs >= 2
+            entries = np.where(shared, ptrs, np.uint64(0)).astype(np.uint64)
+            csums = np.where(shared, sums, np.uint64(0)).astype(np.uint64)
+            if shared.any():
+                pool.space.incref(ptrs[shared])
+            if in_origin.any():
+                buf = bytearray((b1 - b0) * bs)
+                mv = memoryview(buf)
+                for s, c in mask_runs(in_origin):
+                    self.origin_store.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
+                nz = nonzero_blocks(buf, b1 - b0, bs) & in_origin
+                which = np.flatnonzero(nz)
+                starts = pool.space.alloc(len(which), self.units)
+                write_stored(pool.store, starts, bs, buf, which)
+                entries[which] = starts
+                csums[which] = block_sums(buf, which, bs)
+            if entries.any():
+                pool.maps.set_range(clone.tree, b0, entries, csums)
+            if progress:
+                progress(b1 * bs, n * bs)
+        return clone.row()
+
+    def _snap_candidates(self, srow: SnapshotRow) -> np.ndarray:
+        ptrs, _, in_origin = self._resolve(srow, 0, self.nblocks)
+        return (ptrs >= 2) | in_origin
+
+    def _allocated_bytes(self) -> int:
+        return self.size
+
+    def _drop_all(self) -> None:
+        for s in self.snapshot_rows:
+            self.pool.pages.decref(self.trees[s.name].root)

@@ -1,0 +1,316 @@
+"""The pool: one directory with the catalog, a lock and the data store.
+
+Only one process opens a pool (flock on `lock`); inside it, one re-entrant lock
+serialises engine calls so the FUSE threads can share it.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import threading
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from ..errors import AlreadyExists, Busy, InvalidArgument, NotAPool, NotFound
+from ..store import FileStore, device_size
+from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
+from .catalog import Catalog, SnapshotRow, VolumeRow
+from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
+from .pages import PagePool
+from .radix import Maps, Tree, levels_for
+from .rebuild import rebuild_refcounts
+from .space import Space
+
+CATALOG = "catalog.db"
+DATA = "data"
+LOCK = "lock"
+MIN_POOL_SIZE = 16 << 20
+
+
+class Pool:
+    """Open with `Pool.create(path)` or `Pool.open(path)`; use as a context manager."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.lock = threading.RLock()
+        self.volumes_by_name: dict = {}
+        self.closed = False
+        self.reclaimed_on_open: dict[str, int] = {}
+        self.read_only = False
+
+    # -- creation and opening ---------------------------------------------
+    @classmethod
+    def create(cls, path: str, data: str | None = None, size: int | None = None) -> "Pool":
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, CATALOG)):
+            raise AlreadyExists(f"{path}: already a blocksnap pool")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise InvalidArgument(f"{path}: exists and is not an empty directory")
+        if data is not None:
+            data = os.path.abspath(data)
+            if not os.path.exists(data) and size is None:
+                raise NotFound(f"{data}: no such file or device (give --size to create an image file)")
+        if size is not None and size < MIN_POOL_SIZE:
+            raise InvalidArgument(f"pool size {size} is too small: at least 16M")
+        created_dir = not os.path.exists(path)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            data_path = data or os.path.join(path, DATA)
+            if data is None and size is None:
+                st = os.statvfs(path)
+                size = st.f_blocks * st.f_frsize  # thin: a sparse file as large as the host fs
+            store = FileStore(data_path, create_size=size)
+            if store.size < MIN_POOL_SIZE:
+                store.close()
+                raise InvalidArgument(f"{data_path}: {store.size} bytes is too small for a pool (16M at least)")
+            pool_id = str(uuid.uuid4())
+            header = DATA_MAGIC + pool_id.encode()
+            store.pwrite(header.ljust(UNIT, b"\0"), 0)
+            store.sync()
+            usable = store.size if size is None or store.is_device else min(size, store.size)
+            store.close()
+            cat = Catalog(os.path.join(path, CATALOG))
+            cat.commit(meta={"format": str(FORMAT_VERSION), "uuid": pool_id, "data": data_path,
+                             "data_size": str(usable), "created": repr(time.time())})
+            cat.close()
+        except BaseException:
+            for name in (CATALOG, CATALOG + "-wal", CATALOG + "-shm", DATA):
+                try:
+                    os.unlink(os.path.join(path, name))
+                except FileNotFoundError:
+                    pass
+            if created_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str, *, wait: float = 0.0) -> "Pool":
+        pool = cls(path)
+        pool._open(wait)
+        return pool
+
+    def _open(self, wait: float) -> None:
+        cat_path = os.path.join(self.path, CATALOG)
+        if not os.path.isfile(cat_path):
+            raise NotAPool(f"{self.path}: not a blocksnap pool (run 'blocksnap pool init' first)")
+        self._lockfd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(self._lockfd, 32, 0).decode(errors="replace").strip()
+                    os.close(self._lockfd)
+                    raise Busy(f"{self.path}: pool is in use by another process"
+                               + (f" (pid {holder})" if holder else "")) from None
+                time.sleep(0.05)
+        os.ftruncate(self._lockfd, 0)
+        os.pwrite(self._lockfd, str(os.getpid()).encode(), 0)
+        try:
+            self._load(cat_path)
+        except BaseException:
+            os.close(self._lockfd)
+            raise
+
+    def _load(self, cat_path: str) -> None:
+        self.catalog = Catalog(cat_path)
+        meta = self.catalog.meta()
+        if meta.get("format") != str(FORMAT_VERSION):
+            raise NotAPool(f"{self.path}: unsupported pool format {meta.get('format')!r}")
+        self.uuid = meta["uuid"]
+        self.data_path = meta["data"]
+        self.store = FileStore(self.data_path)
+        header = self.store.pread(UNIT, 0)
+        if not header.startswith(DATA_MAGIC + self.uuid.encode()):
+            self.store.close()
+            raise NotAPool(f"{self.data_path}: data store does not belong to pool {self.path}")
+        self.data_size = min(int(meta["data_size"]), self.store.size)
+        self.pages = PagePool()
+        self.maps = Maps(self.pages)
+        self.space = Space(self.data_size // UNIT)
+        self.pages.on_blocks_released = self.space.decref
+        self.pages.on_blocks_shared = self.space.incref
+        for pid, kind, units, blob in self.catalog.pages():
+            ptr, csum = PagePool.deserialize(kind, blob)
+            self.pages.load(pid, kind, units, ptr, csum)
+        vrows = self.catalog.volume_rows()
+        srows = self.catalog.snapshot_rows()
+        roots = [(v.root, v.levels) for v in vrows] + [(s.root, s.levels) for s in srows]
+        report = rebuild_refcounts(self.pages, self.space, roots)
+        self.reclaimed_on_open = report.reclaimed
+        if report.unreachable_pages:
+            # pages a crash left behind: delete them so ids are never used twice
+            self.catalog.commit(freed_pages=report.unreachable_pages)
+        self.check_report = report
+        from .volumes import build_volume  # late import: volumes import the pool module
+        by_vol: dict[str, list[SnapshotRow]] = {}
+        for s in srows:
+            by_vol.setdefault(s.volume, []).append(s)
+        for v in vrows:
+            self.volumes_by_name[v.name] = build_volume(self, v, by_vol.get(v.name, []))
+        self._dirty_volumes: set[str] = set()
+
+    # -- context manager ----------------------------------------------------
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.commit()
+            finally:
+                self.closed = True
+                for v in self.volumes_by_name.values():
+                    v._close()
+                self.store.close()
+                self.catalog.close()
+                os.close(self._lockfd)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InvalidArgument("pool is closed")
+
+    # -- transactions -------------------------------------------------------
+    def mark_dirty(self, volume: str) -> None:
+        self._dirty_volumes.add(volume)
+
+    def commit(self, *, snapshots=(), deleted_snapshots=(), volumes=(), deleted_volumes=(),
+               sync_origins: bool = True) -> None:
+        """Make every completed write durable, then publish metadata atomically.
+
+        Order: data store fsync -> origins fsync -> one SQLite transaction -> only then
+        are blocks freed by this transaction handed back to the allocator.
+        """
+        with self.lock:
+            self._check_open()
+            pp = self.pages
+            vols = {v.name: v for v in volumes}
+            for name in self._dirty_volumes:
+                if name in self.volumes_by_name and name not in vols:
+                    vols[name] = self.volumes_by_name[name]
+            snapshots = list(snapshots)
+            for v in self.volumes_by_name.values():
+                moved = v._dirty_snapshot_rows()
+                known = {(r.volume, r.name) for r in snapshots}
+                snapshots.extend(r for r in moved if (r.volume, r.name) not in known)
+            nothing = not (pp.dirty or pp.freed or vols or snapshots or deleted_snapshots
+                           or deleted_volumes or self.space.pending or self.space._fresh_list)
+            if sync_origins:
+                for v in self.volumes_by_name.values():
+                    v._sync_origin()
+            if nothing:
+                return
+            self.store.sync()
+            page_rows = [(pid, int(pp.kind[pid]), int(pp.units[pid]), pp.serialize(pid))
+                         for pid in sorted(pp.dirty)]
+            self.catalog.commit(
+                pages=page_rows, freed_pages=sorted(pp.freed - pp.dirty),
+                volumes=[v.row() for v in vols.values()], deleted_volumes=deleted_volumes,
+                snapshots=snapshots, deleted_snapshots=deleted_snapshots)
+            pp.dirty.clear()
+            pp.freed.clear()
+            self._dirty_volumes.clear()
+            for starts, units in self.space.after_commit():
+                self._punch(starts, units)
+
+    def _punch(self, starts: np.ndarray, units: int) -> None:
+        if self.store.is_device or not len(starts):
+            return
+        s = np.sort(starts.astype(np.int64))
+        breaks = np.flatnonzero(np.diff(s) != units) + 1
+        for run in np.split(s, breaks):
+            self.store.punch_hole(int(run[0]) * UNIT, len(run) * units * UNIT)
+
+    # -- volumes ------------------------------------------------------------
+    def create_volume(self, name: str, size: int | None = None, mode: str = "row",
+                      block_size: int = DEFAULT_BLOCK_SIZE, origin: str | None = None):
+        from .volumes import build_volume
+        validate_name(name, "volume name")
+        validate_block_size(block_size)
+        if mode not in ("row", "cow"):
+            raise InvalidArgument(f"invalid mode {mode!r}: use row or cow")
+        with self.lock:
+            self._check_open()
+            if name in self.volumes_by_name:
+                raise AlreadyExists(f"volume {name!r} already exists")
+            if mode == "cow":
+                if not origin:
+                    raise InvalidArgument("a cow volume needs --origin IMAGE|DEVICE")
+                origin = os.path.abspath(origin)
+                osize = device_size(origin)
+                if size is not None and size != osize:
+                    raise InvalidArgument(f"--size {size} differs from the origin's size {osize}")
+                size = osize
+                if any(v.origin == origin for v in self.volumes_by_name.values()):
+                    raise Busy(f"{origin} is already the origin of another volume")
+            elif origin:
+                raise InvalidArgument("--origin is only for --mode cow (use 'volume import' to copy an image)")
+            if size is None:
+                raise InvalidArgument("--size is required")
+            if size <= 0 or size % 512:
+                raise InvalidArgument(f"invalid volume size {size}: must be a positive multiple of 512")
+            nblocks = -(-size // block_size)
+            row = VolumeRow(name=name, mode=mode, size=size, block_size=block_size, origin=origin,
+                            root=0, levels=levels_for(nblocks), created=time.time())
+            vol = build_volume(self, row, [])
+            self.volumes_by_name[name] = vol
+            try:
+                self.commit(volumes=[vol])
+            except BaseException:
+                del self.volumes_by_name[name]
+                vol._close()
+                raise
+            return vol
+
+    def volume(self, name: str):
+        with self.lock:
+            self._check_open()
+            try:
+                return self.volumes_by_name[name]
+            except KeyError:
+                validate_name(name, "volume name")
+                raise NotFound(f"no volume named {name!r}") from None
+
+    def volumes(self) -> list:
+        with self.lock:
+            return [self.volumes_by_name[n] for n in sorted(self.volumes_by_name)]
+
+    def import_volume(self, name: str, source: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                      progress: Callable[[int, int], None] | None = None):
+        from .transfer import import_image
+        return import_image(self, name, source, block_size, progress)
+
+    # -- reporting ----------------------------------------------------------
+    def status(self) -> dict:
+        with self.lock:
+            self._check_open()
+            total = (self.space.total - HEADER_UNITS) * UNIT
+            used = self.space.used_units() * UNIT
+            return {
+                "pool": self.path, "uuid": self.uuid, "data": self.data_path,
+                "data_is_device": self.store.is_device,
+                "size": total, "used": used, "free": total - used,
+                "used_percent": round(100.0 * used / total, 2) if total else 0.0,
+                "host_allocated": self.store.allocated_bytes(),
+                "volumes": len(self.volumes_by_name),
+                "snapshots": sum(len(v.snapshot_rows) for v in self.volumes_by_name.values()),
+                "metadata_pages": int(self.pages.next_id - 1 - len(self.pages.free_ids)),
+                "reclaimed_on_open": self.reclaimed_on_open,
+                "health": "ok" if not self.check_report.errors else "errors",
+            }
+
+    def check(self, repair: bool = False) -> dict:
+        from .check import check_pool
+        return check_pool(self, repair)

@@ -1,0 +1,242 @@
+"""ROW (redirect-on-write) volumes: thin, every block lives in the pool.
+
+A write never touches a block that committed metadata points at: it goes to a
+fresh block, and the map entry is redirected. Blocks written since the last commit
+(`fresh`) are overwritten in place. Snapshots, rollback and clone are one reference
+on a map root.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from .blockio import block_sums, nonzero_blocks, read_stored, write_stored
+from .catalog import SnapshotRow, VolumeRow
+from .layout import PAGE_ENTRIES
+from .radix import Tree, clear_range, levels_for
+from .volume_base import VolumeBase
+
+E = PAGE_ENTRIES
+
+
+class RowVolume(VolumeBase):
+    mode = "row"
+
+    def __init__(self, pool, row: VolumeRow, snaps: list[SnapshotRow]):
+        super().__init__(pool, row, snaps)
+        self.tree = Tree(row.root, row.levels, self.units)
+
+    def row(self) -> VolumeRow:
+        return VolumeRow(self.name, self.mode, self.size, self.block_size, self.origin,
+                         self.tree.root, self.tree.levels, self.created, self.extra)
+
+    # -- reading ------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        with self.pool.lock:
+            self._check()
+            return self._read_tree(self.tree, self.size, offset, length, f" in volume {self.name}")
+
+    def _read_tree(self, tree: Tree, size: int, offset: int, length: int, where: str) -> bytes:
+        self._bounds(offset, length, size)
+        if length == 0:
+            return b""
+        bs = self.block_size
+        b0, b1 = offset // bs, -(-(offset + length) // bs)
+        ptrs, sums = self.pool.maps.get_range(tree, b0, b1)
+        buf = bytearray((b1 - b0) * bs)
+        read_stored(self.pool.store, ptrs, sums, bs, buf, where, b0)
+        start = offset - b0 * bs
+        return bytes(buf[start:start + length])
+
+    # -- writing ------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        with self.pool.lock:
+            self._check()
+            self._bounds(offset, len(data))
+            if not len(data):
+                return
+            bs = self.block_size
+            b0, b1 = offset // bs, -(-(offset + len(data)) // bs)
+            n = b1 - b0
+            head = offset - b0 * bs
+            end = head + len(data)
+            if head == 0 and end == n * bs:
+                buf = data
+            else:
+                buf = bytearray(n * bs)
+                edges = sorted(({0} if head else set()) | ({n - 1} if end % bs else set()))
+                ptrs, sums = self.pool.maps.get_range(self.tree, b0, b1)
+                for e in edges:
+                    sub = bytearray(bs)
+                    read_stored(self.pool.store, ptrs[e:e + 1], sums[e:e + 1], bs, sub,
+                                f" in volume {self.name}", b0 + e)
+                    buf[e * bs:(e + 1) * bs] = sub
+                buf[head:end] = data
+            self._store_blocks(b0, buf, n)
+
+    def _store_blocks(self, b0: int, buf, n: int) -> None:
+        """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused."""
+        pool, bs = self.pool, self.block_size
+        old, _ = pool.maps.get_range(self.tree, b0, b0 + n)
+        nz = nonzero_blocks(buf, n, bs)
+        stored = old >= 2
+        inplace = np.zeros(n, bool)
+        if stored.any():
+            inplace[stored] = pool.space.is_fresh(old[stored])
+        inplace &= nz
+        need = nz & ~inplace
+        starts = pool.space.alloc(int(need.sum()), self.units)
+        new = np.zeros(n, np.uint64)
+        new[inplace] = old[inplace]
+        new[need] = starts
+        which = np.flatnonzero(nz)
+        sums = np.zeros(n, np.uint64)
+        if len(which):
+            sums[which] = block_sums(buf, which, bs)
+        try:
+            write_stored(pool.store, new[which], bs, buf, which)
+        except BaseException:
+            pool.space.release_now(starts, self.units)
+            raise
+        replaced = pool.maps.set_range(self.tree, b0, new, sums)
+        dropped = replaced[(replaced >= 2) & ~inplace]
+        if len(dropped):
+            pool.space.decref(dropped, self.units)
+        pool.mark_dirty(self.name)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Unmap whole blocks (space returns after the next commit); zero partial edges."""
+        with self.pool.lock:
+            self._check()
+            self._bounds(offset, length)
+            if not length:
+                return
+            bs = self.block_size
+            end = offset + length
+            first = -(-offset // bs)
+            last = end // bs if end < self.size else self.nblocks
+            if first >= last:
+                self.write(offset, bytes(length))
+                return
+            if offset < first * bs:
+                self.write(offset, bytes(first * bs - offset))
+            if end > last * bs and last < self.nblocks:
+                self.write(last * bs, bytes(end - last * bs))
+            dropped = clear_range(self.pool.maps, self.tree, first, last)
+            if len(dropped):
+                self.pool.space.decref(dropped, self.units)
+            self.pool.mark_dirty(self.name)
+
+    def flush(self) -> None:
+        self.pool.commit()
+
+    def resize(self, size: int) -> None:
+        with self.pool.lock:
+            self._check()
+            if size <= 0 or size % 512:
+                raise InvalidArgument(f"invalid volume size {size}: must be a positive multiple of 512")
+            if size < self.size:
+                keep = -(-size // self.block_size)
+                dropped = clear_range(self.pool.maps, self.tree, keep, self.nblocks)
+                if len(dropped):
+                    self.pool.space.decref(dropped, self.units)
+                tail = keep * self.block_size
+                if tail > size:  # zero the cut-off part of the last block
+                    old = self.size
+                    self.size = min(old, tail)
+                    self.write(size, bytes(self.size - size))
+            self.size = size
+            self.pool.maps.grow(self.tree, levels_for(self.nblocks))
+            self.pool.commit(volumes=[self])
+
+    # -- snapshots ------------------------------------------------------------
+    def _create_snapshot(self, name: str, labels, consistency: str, hooks) -> SnapshotRow:
+        srow = self._new_srow(name, labels, consistency, hooks, self.tree.root, self.tree.levels)
+        pool = self.pool
+        pool.pages.incref(self.tree.root)
+        try:
+            pool.commit(snapshots=[srow], volumes=[self])
+        except BaseException:
+            pool.pages.decref(self.tree.root)
+            raise
+        self.snapshot_rows.append(srow)
+        return srow
+
+    def _snap_tree(self, srow: SnapshotRow) -> Tree:
+        return Tree(srow.root, srow.levels, self.units)
+
+    def _snap_read(self, srow: SnapshotRow, offset: int, length: int) -> bytes:
+        return self._read_tree(self._snap_tree(srow), srow.size, offset, length,
+                               f" in snapshot {self.name}@{srow.name}")
+
+    def _snap_map(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Entries of blocks [b0, b1) as a snapshot sees them (HOLE = zeros)."""
+        return self.pool.maps.get_range(self._snap_tree(srow), b0, b1)
+
+    def _delete_snapshot(self, srow: SnapshotRow) -> None:
+        self.snapshot_rows.remove(srow)
+        self.pool.pages.decref(srow.root)
+        self.pool.commit(deleted_snapshots=[(self.name, srow.name)])
+
+    def _rollback(self, srow: SnapshotRow) -> None:
+        pool = self.pool
+        pool.pages.incref(srow.root)
+        old = self.tree.root
+        self.tree = Tree(srow.root, srow.levels, self.units)
+        self.size = srow.size
+        pool.pages.decref(old)
+        pool.commit(volumes=[self])
+
+    def _clone_into(self, srow: SnapshotRow, new_row: VolumeRow, progress=None) -> VolumeRow:
+        self.pool.pages.incref(srow.root)
+        new_row.root, new_row.levels = srow.root, srow.levels
+        return new_row
+
+    def _diff(self, ra: SnapshotRow, rb: SnapshotRow | None) -> list[dict[str, int]]:
+        ta = self._snap_tree(ra)
+        tb = self._snap_tree(rb) if rb is not None else self.tree
+        sa, sb = ra.size, (rb.size if rb is not None else self.size)
+        bs = self.block_size
+        nmax = -(-max(sa, sb) // bs)
+        mask = np.zeros(nmax, bool)
+        maps, pp = self.pool.maps, self.pool.pages
+        la = dict(maps.iter_leaves(ta))
+        lb = dict(maps.iter_leaves(tb))
+        zero = np.zeros(E, np.uint64)
+        for li in sorted(set(la) | set(lb)):
+            pa, pb = la.get(li, 0), lb.get(li, 0)
+            if pa == pb:
+                continue
+            ea = pp.ptr[pa] if pa else zero
+            eb = pp.ptr[pb] if pb else zero
+            ch = ea != eb
+            lo = li * E
+            hi = min(lo + E, nmax)
+            if lo < hi:
+                mask[lo:hi] |= ch[:hi - lo]
+        if sa != sb:
+            mask[min(sa, sb) // bs:] = True
+        return self._extents(mask, bs, max(sa, sb))
+
+    def _allocated_bytes(self) -> int:
+        pp = self.pool.pages
+        count = sum(int((pp.ptr[p] >= 2).sum()) for _, p in self.pool.maps.iter_leaves(self.tree))
+        return count * self.block_size
+
+    def _snap_candidates(self, srow: SnapshotRow) -> np.ndarray:
+        """Mask of blocks that may hold data in the snapshot (others are holes)."""
+        tree = self._snap_tree(srow)
+        n = -(-srow.size // self.block_size)
+        mask = np.zeros(n, bool)
+        for li, p in self.pool.maps.iter_leaves(tree):
+            lo = li * E
+            hi = min(lo + E, n)
+            if lo < hi:
+                mask[lo:hi] = self.pool.pages.ptr[p, :hi - lo] >= 2
+        return mask
+
+    def _drop_all(self) -> None:
+        for s in self.snapshot_rows:
+            self.pool.pages.decref(s.root)
+        self.pool.pages.decref(self.tree.root)

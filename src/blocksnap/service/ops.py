@@ -1,0 +1,135 @@
+"""Every pool operation the CLI (or the daemon, for its clients) can run.
+
+Each takes an open Pool and JSON-friendly arguments and returns JSON-friendly
+data, so the same function serves a local call and a request over the socket.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..engine.check import scrub as _scrub
+from ..engine.pool import Pool
+from ..units import split_snapshot_ref, validate_name
+
+Progress = Callable[[int, int], None] | None
+
+
+def _snap(pool: Pool, ref: str):
+    vol, name = split_snapshot_ref(ref)
+    return pool.volume(vol).get_snapshot(name)
+
+
+def pool_status(pool: Pool) -> dict:
+    st = pool.status()
+    st["volume_list"] = [v.info() for v in pool.volumes()]
+    return st
+
+
+def volume_create(pool: Pool, name: str, size: int | None, mode: str, origin: str | None,
+                  block_size: int) -> dict:
+    return pool.create_volume(name, size=size, mode=mode, block_size=block_size, origin=origin).info()
+
+
+def volume_import(pool: Pool, name: str, source: str, block_size: int, progress: Progress = None) -> dict:
+    validate_name(name, "volume name")
+    if name in pool.volumes_by_name:
+        from ..errors import AlreadyExists
+        raise AlreadyExists(f"volume {name!r} already exists")
+    return pool.import_volume(name, source, block_size, progress).info()
+
+
+def volume_list(pool: Pool) -> list[dict]:
+    return [v.info() for v in pool.volumes()]
+
+
+def volume_show(pool: Pool, name: str) -> dict:
+    return pool.volume(name).info()
+
+
+def volume_delete(pool: Pool, name: str, recursive: bool = False) -> dict:
+    pool.volume(name).delete(recursive=recursive)
+    return {"deleted": name}
+
+
+def volume_resize(pool: Pool, name: str, size: int) -> dict:
+    vol = pool.volume(name)
+    vol.resize(size)
+    return vol.info()
+
+
+def snapshot_create(pool: Pool, ref: str, labels: dict[str, str] | None = None,
+                    consistency: str = "crash", hooks: dict | None = None) -> dict:
+    vol, name = split_snapshot_ref(ref)
+    return pool.volume(vol).snapshot(name, labels=labels, consistency=consistency, hooks=hooks).info()
+
+
+def snapshot_set_metadata(pool: Pool, ref: str, consistency: str | None = None,
+                          hooks: dict | None = None) -> dict:
+    snap = _snap(pool, ref)
+    snap.set_metadata(consistency=consistency, hooks=hooks)
+    return snap.info()
+
+
+def snapshot_list(pool: Pool, volume: str | None = None) -> list[dict]:
+    vols = [pool.volume(volume)] if volume else pool.volumes()
+    return [s.info() for v in vols for s in v.snapshots()]
+
+
+def snapshot_show(pool: Pool, ref: str) -> dict:
+    return _snap(pool, ref).info()
+
+
+def snapshot_delete(pool: Pool, ref: str) -> dict:
+    _snap(pool, ref).delete()
+    return {"deleted": ref}
+
+
+def snapshot_rollback(pool: Pool, ref: str) -> dict:
+    vol, name = split_snapshot_ref(ref)
+    pool.volume(vol).rollback(name)
+    return {"rolled_back": ref}
+
+
+def snapshot_clone(pool: Pool, ref: str, new_volume: str, progress: Progress = None) -> dict:
+    return _snap(pool, ref).clone(new_volume, progress=progress).info()
+
+
+def snapshot_diff(pool: Pool, a: str, b: str | None = None) -> dict:
+    va, na = split_snapshot_ref(a)
+    nb = None
+    if b is not None:
+        vb, nb = split_snapshot_ref(b)
+        if vb != va:
+            from ..errors import InvalidArgument
+            raise InvalidArgument(f"cannot diff snapshots of different volumes ({va} and {vb})")
+    vol = pool.volume(va)
+    extents = vol.diff(na, nb)
+    return {"from": a, "to": b or va, "block_size": vol.block_size, "extents": extents,
+            "changed_bytes": sum(e["length"] for e in extents)}
+
+
+def export(pool: Pool, ref: str, output: str, force: bool = False, progress: Progress = None) -> dict:
+    res = _snap(pool, ref).export(output, progress=progress, force=force)
+    res.update({"snapshot": ref, "output": output})
+    return res
+
+
+def check(pool: Pool, repair: bool = False) -> dict:
+    return pool.check(repair=repair)
+
+
+def scrub(pool: Pool, target: str, progress: Progress = None) -> dict:
+    if "@" in target:
+        vol, name = split_snapshot_ref(target)
+    else:
+        vol, name = validate_name(target, "volume name"), None
+    res = _scrub(pool, vol, name, progress)
+    res["target"] = target
+    return res
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    name: fn for name, fn in globals().items()
+    if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == __name__
+}
+PROGRESS_OPS = {"volume_import", "snapshot_clone", "export", "scrub"}
