@@ -35,9 +35,10 @@ def parse_size(text: str | int) -> int:
 
 
 def format_size(n: int) -> str:
+    """Human size with binary units: 4G, 3.99G, 64K, 512."""
     for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << (shift - 10 if shift > 10 else 0)) == 0 or n >= 10 << shift:
-            return f"{n / (1 << shift):.1f}{unit}".replace(".0", "")
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f}".rstrip("0").rstrip(".") + unit
     return str(n)
 
 

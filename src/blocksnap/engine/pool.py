@@ -149,6 +149,7 @@ class Pool:
             # pages a crash left behind: delete them so ids are never used twice
             self.catalog.commit(freed_pages=report.unreachable_pages)
         self.check_report = report
+        self.reclaimed_on_open["host_bytes"] = self._reclaim_host_space()
         from .volumes import build_volume  # late import: volumes import the pool module
         by_vol: dict[str, list[SnapshotRow]] = {}
         for s in srows:
@@ -177,6 +178,15 @@ class Pool:
                 self.store.close()
                 self.catalog.close()
                 os.close(self._lockfd)
+
+    def abandon(self) -> None:
+        """Drop the pool without committing, as a crash would (used by crash tests)."""
+        self.closed = True
+        for v in self.volumes_by_name.values():
+            v._close()
+        self.store.close()
+        self.catalog.close()
+        os.close(self._lockfd)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -224,6 +234,34 @@ class Pool:
             self._dirty_volumes.clear()
             for starts, units in self.space.after_commit():
                 self._punch(starts, units)
+
+    def _reclaim_host_space(self) -> int:
+        """Punch out parts of a sparse data file that hold no referenced unit.
+
+        After a crash, blocks written by the lost transaction still occupy host space.
+        """
+        if self.store.is_device:
+            return 0
+        fd, freed = self.store.fd, 0
+        off = HEADER_UNITS * UNIT
+        end = self.space.total * UNIT
+        while off < end:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            except OSError:
+                break
+            if start >= end:
+                break
+            u0, u1 = start // UNIT, -(-stop // UNIT)
+            free = ~self.space.used[u0:u1]
+            m = np.concatenate(([False], free, [False])).astype(np.int8)
+            d = np.diff(m)
+            for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
+                self.store.punch_hole((u0 + int(a)) * UNIT, int(b - a) * UNIT)
+                freed += int(b - a) * UNIT
+            off = stop
+        return freed
 
     def _punch(self, starts: np.ndarray, units: int) -> None:
         if self.store.is_device or not len(starts):
