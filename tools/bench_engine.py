@@ -58,6 +58,27 @@ def bench_snapshot_size(root: str) -> dict:
             "ratio_16TiB_over_1GiB": t_huge / t_small}
 
 
+def bench_qcow2_snapshot_size(root: str) -> dict:
+    """Reference: qemu-img internal snapshots of a qcow2 at 1 GiB and 16 TiB."""
+    import subprocess
+    if not shutil.which("qemu-img"):
+        return {}
+    out = {}
+    for label, size in (("1GiB", "1G"), ("16TiB", "16T")):
+        img = os.path.join(root, f"ref-{label}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, size], check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 1 0 64k", img], check=True, capture_output=True)
+        times = []
+        for i in range(10):
+            t = time.perf_counter()
+            subprocess.run(["qemu-img", "snapshot", "-c", f"s{i}", img], check=True)
+            times.append(time.perf_counter() - t)
+        out[f"qcow2_snapshot_{label}_ms"] = statistics.median(times) * 1e3
+        os.unlink(img)
+    out["qcow2_ratio_16TiB_over_1GiB"] = out["qcow2_snapshot_16TiB_ms"] / out["qcow2_snapshot_1GiB_ms"]
+    return out
+
+
 def bench_snapshot_count(root: str) -> dict:
     with blocksnap.Pool.create(os.path.join(root, "p-count"), size=4 << 30) as pool:
         v = pool.create_volume("v", size=1 << 30)
@@ -161,7 +182,8 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench-engine-", dir=args.dir or "/var/tmp")
     try:
         res = {}
-        for part in (lambda: bench_snapshot_size(root), lambda: bench_snapshot_count(root),
+        for part in (lambda: bench_snapshot_size(root), lambda: bench_qcow2_snapshot_size(root),
+                     lambda: bench_snapshot_count(root),
                      lambda: bench_write(root, args.mib), lambda: bench_cow_copies(root),
                      lambda: bench_overwrite(root, args.mib)):
             res.update(part())

@@ -1,0 +1,16 @@
+"""FUSE export of a pool: live volumes read-write, every snapshot read-only.
+
+mfusepy picks libfuse2 unless told otherwise, and libfuse2 caps requests at
+128 KiB; libfuse3 lets us ask for 1 MiB writes. So the library name is set here,
+before anything imports mfusepy.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+
+from .fs import BlocksnapFS  # noqa: E402
+from .mount import run_fuse  # noqa: E402
+
+__all__ = ["BlocksnapFS", "run_fuse"]

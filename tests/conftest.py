@@ -1,0 +1,66 @@
+"""Shared fixtures for the blocksnap test suite: real pools in temporary directories,
+and a runner for the real command line (a subprocess, as a user would call it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+
+# Pools in tests always get an explicit size: without one, a pool's data file is a
+# sparse file as large as the host filesystem and its in-memory space map with it.
+TEST_POOL_SIZE = 64 << 20
+
+
+@pytest.fixture
+def pool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "pool"
+
+
+@pytest.fixture
+def pool(pool_dir: Path):
+    """An open pool of TEST_POOL_SIZE, closed (committed) at the end of the test."""
+    p = blocksnap.Pool.create(str(pool_dir), size=TEST_POOL_SIZE)
+    yield p
+    if not p.closed:
+        p.close()
+
+
+def run_cli(pool_path: str | os.PathLike | None, *args: str, input: bytes | None = None,
+            env: dict | None = None, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m blocksnap --pool POOL ARGS...` with text output captured."""
+    cmd = [sys.executable, "-m", "blocksnap"]
+    if pool_path is not None:
+        cmd += ["--pool", str(pool_path)]
+    cmd += [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env.pop("BLOCKSNAP_POOL", None)
+    if env:
+        full_env.update(env)
+    res = subprocess.run(cmd, input=input, capture_output=True, env=full_env, timeout=timeout)
+    res.stdout = res.stdout.decode(errors="replace")
+    res.stderr = res.stderr.decode(errors="replace")
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} failed with {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def assert_cli_error(res: subprocess.CompletedProcess, code: int = 1, *needles: str) -> str:
+    """The error contract: exit code, exactly one stderr line `error: ...`, no traceback."""
+    assert "Traceback" not in res.stdout + res.stderr, res.stderr
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got: {res.stderr!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def cli():
+    return run_cli
