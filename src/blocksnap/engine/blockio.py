@@ -89,3 +89,10 @@ def write_stored(store, starts: np.ndarray, bs: int, buf: bytes | bytearray | me
         i0 = int(which[a])
         cnt = int(b - a)
         store.pwrite(mv[i0 * bs:(i0 + cnt) * bs], int(starts[a]) * UNIT)
+
+
+def aligned_slice(buf: bytearray, start: int, length: int) -> bytes | bytearray:
+    """The requested part of a block-aligned buffer, copying only when unaligned."""
+    if start == 0 and length == len(buf):
+        return buf
+    return bytes(memoryview(buf)[start:start + length])

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, NotFound
 from ..store import FileStore
-from .blockio import block_sums, mask_runs, nonzero_blocks, read_stored, write_stored
+from .blockio import aligned_slice, block_sums, mask_runs, nonzero_blocks, read_stored, write_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import HOLE, PAGE_ENTRIES, ZERO
 from .radix import Tree, levels_for
@@ -140,7 +140,8 @@ class CowVolume(VolumeBase):
     def _create_snapshot(self, name: str, labels, consistency: str, hooks) -> SnapshotRow:
         self.origin_store  # a snapshot of a missing origin would be empty: refuse early
         srow = self._new_srow(name, labels, consistency, hooks, 0, levels_for(self.nblocks))
-        self.pool.commit()  # origin fsync: the snapshot's unchanged blocks are durable there
+        # one commit: the origin is fsynced first (the snapshot's unchanged blocks live
+        # there), then the snapshot row is published
         self.pool.commit(snapshots=[srow])
         self.snapshot_rows.append(srow)
         self.trees[name] = Tree(0, srow.levels, self.units)
@@ -181,8 +182,7 @@ class CowVolume(VolumeBase):
             for s, c in mask_runs(in_origin):
                 origin.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
         read_stored(self.pool.store, ptrs, sums, bs, buf, f" in snapshot {self.name}@{srow.name}", b0)
-        start = offset - b0 * bs
-        return bytes(buf[start:start + length])
+        return aligned_slice(buf, offset - b0 * bs, length)
 
     def _delete_snapshot(self, srow: SnapshotRow) -> None:
         """Entries the next older snapshot deferred to move down to it; the rest die."""

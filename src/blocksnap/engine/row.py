@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument
-from .blockio import block_sums, nonzero_blocks, read_stored, write_stored
+from .blockio import aligned_slice, block_sums, nonzero_blocks, read_stored, write_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
@@ -45,8 +45,7 @@ class RowVolume(VolumeBase):
         ptrs, sums = self.pool.maps.get_range(tree, b0, b1)
         buf = bytearray((b1 - b0) * bs)
         read_stored(self.pool.store, ptrs, sums, bs, buf, where, b0)
-        start = offset - b0 * bs
-        return bytes(buf[start:start + length])
+        return aligned_slice(buf, offset - b0 * bs, length)
 
     # -- writing ------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
