@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
-pkgs=$(cat .ci/apt-packages*.txt 2>/dev/null | sed 's/#.*//' | xargs -n1 | sort -u | xargs)
+pkgs=$(for f in .ci/apt-packages*.txt; do sed 's/#.*//' "$f"; echo; done | xargs -n1 | sort -u | xargs)
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -21,6 +21,19 @@ from .context import DEFAULT_POOL, Settings
 def cli(ctx: click.Context, pool: str, verbose: int, quiet: bool, debug: bool) -> None:
     """blocksnap: block-level snapshots, FUSE export, freeze hooks and backups."""
     ctx.obj = Settings(pool=pool, verbose=verbose, quiet=quiet, debug=debug)
+    _rethaw_stale_freezes()
+
+
+def _rethaw_stale_freezes() -> None:
+    """A blocksnap killed while a filesystem was frozen left a record: thaw it now."""
+    try:
+        from ..hooks import recover_stale_freezes
+        for item in recover_stale_freezes():
+            if item.get("status") == "thawed":
+                click.echo(f"warning: thawed {item['path']}, left frozen by blocksnap pid "
+                           f"{item.get('pid')}", err=True)
+    except Exception:  # noqa: BLE001 - never block a command on this
+        pass
 
 
 def _register() -> None:
@@ -37,7 +50,7 @@ def run(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors become `error: ...` (exit 1), usage errors exit 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="blocksnap", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="blocksnap", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         sys.exit(1)
@@ -69,7 +82,7 @@ def run(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: internal error: {type(e).__name__}: {e}", err=True)
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
