@@ -12,10 +12,12 @@ def progress_bar(settings: Settings, label: str) -> Iterator[Callable[[int, int]
     if not settings.show_progress:
         yield None
         return
+    from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
                                TransferSpeedColumn)
+    # on stderr, the terminal we checked: stdout stays clean for results and --json
     with Progress("[bold]" + label, BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
+                  TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:

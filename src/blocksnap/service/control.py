@@ -1,17 +1,87 @@
-"""Talking to the pool's daemon over its Unix socket (the daemon side lives with serve)."""
+"""Talking to the pool's daemon over its Unix socket (the daemon side: daemon_server).
+
+Protocol: newline-delimited JSON, `{"op": NAME, "args": {...}}` answered by
+`{"ok": RESULT}` or `{"error": MESSAGE, "type": EXCEPTION_CLASS}`. Errors come back
+as the same blocksnap.errors class, so the CLI prints them as one `error:` line.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from typing import Any
+import socket
+from typing import Any, Iterator
+
+from .. import errors
 
 SOCKET_NAME = "daemon.sock"
 NOT_RUNNING = object()
+_SUN_PATH_MAX = 107
 
 
 def socket_path(pool_path: str) -> str:
     return os.path.join(os.path.abspath(pool_path), SOCKET_NAME)
 
 
+@contextlib.contextmanager
+def sun_path(path: str) -> Iterator[str]:
+    """An address short enough for AF_UNIX (108 bytes): long ones go via /proc/self/fd."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
+
+
+def remote_error(resp: dict[str, Any]) -> errors.BlocksnapError:
+    """The exception a daemon reported, as the matching blocksnap.errors class."""
+    cls = getattr(errors, str(resp.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.BlocksnapError)):
+        cls = errors.BlocksnapError
+    return cls(str(resp.get("error") or "the pool's daemon reported an unknown error"))
+
+
+def connect(pool_path: str, timeout: float | None = None) -> socket.socket | None:
+    """A connection to the pool's daemon, or None if none listens (no socket, or stale)."""
+    path = socket_path(pool_path)
+    if not os.path.exists(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        with sun_path(path) as addr:
+            s.connect(addr)
+    except (ConnectionRefusedError, FileNotFoundError):
+        s.close()
+        return None
+    except PermissionError:
+        s.close()
+        raise errors.Busy(f"{pool_path}: served by a daemon of another user (socket {path})") from None
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def request(sock: socket.socket, op: str, args: dict[str, Any]) -> Any:
+    sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+    line = sock.makefile("rb").readline()
+    if not line:
+        raise errors.BlocksnapError("the pool's daemon closed the connection without answering "
+                                    "(see daemon.log in the pool)")
+    resp = json.loads(line)
+    if "ok" in resp:
+        return resp["ok"]
+    raise remote_error(resp)
+
+
 def try_remote(pool_path: str, op: str, args: dict[str, Any]) -> Any:
     """Run `op` in the pool's daemon if one serves it; NOT_RUNNING otherwise."""
-    return NOT_RUNNING
+    sock = connect(pool_path)
+    if sock is None:
+        return NOT_RUNNING
+    with sock:
+        return request(sock, op, {k: v for k, v in args.items() if k != "progress"})

@@ -1,0 +1,392 @@
+"""The FUSE tree of a served pool.
+
+    /<volume>/volume.img               live volume (read-write unless served read-only)
+    /<volume>/snapshots/<name>.img     every snapshot, read-only
+
+Every lookup asks the pool, so snapshots appear and disappear as they are created
+and deleted (the kernel is told not to cache entries). Data goes straight to the
+engine: the images are opened with direct I/O, so there is no second page cache,
+and fsync/flush reach `vol.flush()` (a FUSE fsync answered with ENOSYS would be
+dropped by the kernel forever after, which would break every barrier above us).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mfusepy
+from mfusepy import FuseOSError
+
+from ..errors import BlocksnapError, CorruptionError, OutOfSpace
+
+log = logging.getLogger("blocksnap.fuse")
+
+VOLUME_FILE = "volume.img"
+SNAP_DIR = "snapshots"
+SNAP_SUFFIX = ".img"
+MAX_WRITE = 1 << 20
+
+KICK_BYTES = 32 << 20  # start writeback of the data store after this much new data
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range(fd: int) -> None:
+    """Start (not wait for) writeback of a file's dirty pages; closes fd."""
+    try:
+        _libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
+
+
+def fuse_errors(fn: Callable) -> Callable:
+    """Engine errors become errnos (OutOfSpace -> ENOSPC, CorruptionError -> EIO...)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BlocksnapError as e:
+            if isinstance(e, CorruptionError):
+                log.error("%s: %s", fn.__name__, e)
+            elif isinstance(e, OutOfSpace):
+                log.warning("%s: %s", fn.__name__, e)
+            else:
+                log.debug("%s: %s", fn.__name__, e)
+            raise FuseOSError(e.errno) from None
+
+    return wrapper
+
+
+@dataclass
+class Handle:
+    """One open image: the engine object and what the opener may do with it."""
+
+    volume: str
+    snapshot: str | None
+    obj: Any  # a volume, or a Snapshot
+    writable: bool
+    key: tuple[str, str | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.volume, self.snapshot)
+
+
+class BlocksnapFS(mfusepy.Operations):
+    """mfusepy operations over an open Pool; thread-safe through the pool's lock."""
+
+    use_ns = True
+
+    def __init__(self, pool: Any, *, read_only: bool = False, allow_other: bool = False,
+                 on_init: Callable[[], None] | None = None, max_write: int = MAX_WRITE):
+        self.pool = pool
+        self.read_only = read_only
+        self.on_init = on_init
+        self.max_write = max_write
+        self.uid, self.gid = os.getuid(), os.getgid()
+        share = 0o055 if allow_other else 0  # others get r-x / r-- only when asked
+        self.dir_mode = stat.S_IFDIR | 0o700 | share
+        self.ro_mode = stat.S_IFREG | 0o400 | (0o044 if allow_other else 0)
+        self.rw_mode = stat.S_IFREG | 0o600 | (0o044 if allow_other else 0)
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, str] = {}
+        self._ids = itertools.count(1)
+        self.open_count: Counter[tuple[str, str | None]] = Counter()
+        self.mtime: dict[str, int] = {}
+        self.started = time.time_ns()
+        self.initialized = threading.Event()
+        self._commit_soon = threading.Event()
+        self._wake = threading.Event()
+        self._unkicked = 0
+        self._closing = False
+
+    # -- what other parts of the daemon ask --------------------------------------
+    def in_use(self, volume: str, snapshot: str | None = None) -> int:
+        """Open handles on the live image (snapshot None) or on one snapshot image."""
+        with self.pool.lock:
+            return self.open_count.get((volume, snapshot), 0)
+
+    def volume_in_use(self, volume: str) -> int:
+        """Open handles on the volume or any of its snapshots (for volume delete)."""
+        with self.pool.lock:
+            return sum(n for (v, _), n in self.open_count.items() if v == volume)
+
+    # -- paths -----------------------------------------------------------------
+    @staticmethod
+    def _split(path: str) -> list[str]:
+        return [p for p in path.split("/") if p]
+
+    def _lookup(self, path: str) -> tuple[str, Any, Any]:
+        """(kind, volume, snapshot-or-None) for a path; ENOENT for anything else."""
+        parts = self._split(path)
+        try:
+            if not parts:
+                return "root", None, None
+            vol = self.pool.volume(parts[0])
+            if len(parts) == 1:
+                return "voldir", vol, None
+            if len(parts) == 2 and parts[1] == VOLUME_FILE:
+                return "volimg", vol, None
+            if len(parts) == 2 and parts[1] == SNAP_DIR:
+                return "snapdir", vol, None
+            if len(parts) == 3 and parts[1] == SNAP_DIR and parts[2].endswith(SNAP_SUFFIX):
+                return "snapimg", vol, vol.get_snapshot(parts[2][:-len(SNAP_SUFFIX)])
+        except BlocksnapError:
+            pass
+        raise FuseOSError(errno.ENOENT)
+
+    def _dir(self, nlink: int, mtime: int) -> dict[str, int]:
+        return {"st_mode": self.dir_mode, "st_nlink": nlink, "st_uid": self.uid, "st_gid": self.gid,
+                "st_size": 0, "st_mtime": mtime, "st_ctime": mtime, "st_atime": mtime}
+
+    def _file(self, mode: int, size: int, blksize: int, mtime: int) -> dict[str, int]:
+        return {"st_mode": mode, "st_nlink": 1, "st_uid": self.uid, "st_gid": self.gid,
+                "st_size": size, "st_blocks": -(-size // 512), "st_blksize": blksize,
+                "st_mtime": mtime, "st_ctime": mtime, "st_atime": mtime}
+
+    # -- metadata --------------------------------------------------------------
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        if path is None:  # fstat of an open file (nullpath_ok): the handle knows
+            h = self._handle(fh or 0)
+            vol = self.pool.volume(h.volume)
+            kind, snap = ("volimg", None) if h.snapshot is None else ("snapimg", h.obj)
+        else:
+            kind, vol, snap = self._lookup(path)
+        if kind == "root":
+            return self._dir(2 + len(self.pool.volumes_by_name), self.started)
+        created = int(vol.created * 1e9)
+        if kind == "voldir":
+            return self._dir(3, created)
+        if kind == "snapdir":
+            return self._dir(2, created)
+        if kind == "volimg":
+            mode = self.ro_mode if self.read_only else self.rw_mode
+            return self._file(mode, vol.size, vol.block_size, self.mtime.get(vol.name, created))
+        return self._file(self.ro_mode, snap.size, vol.block_size, int(snap.created * 1e9))
+
+    def opendir(self, path: str) -> int:
+        """Remember the path: with nullpath_ok, readdir gets none."""
+        kind, _, _ = self._lookup(path)
+        if kind not in ("root", "voldir", "snapdir"):
+            raise FuseOSError(errno.ENOTDIR)
+        fh = next(self._ids)
+        self.dirs[fh] = path
+        return fh
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self.dirs.pop(fh, None)
+        return 0
+
+    def readdir(self, path: str | None, fh: int) -> list[str]:
+        kind, vol, _ = self._lookup(path if path is not None else self.dirs.get(fh, "/"))
+        if kind == "root":
+            return [".", ".."] + [v.name for v in self.pool.volumes()]
+        if kind == "voldir":
+            return [".", "..", VOLUME_FILE, SNAP_DIR]
+        if kind == "snapdir":
+            try:
+                return [".", ".."] + [s.name + SNAP_SUFFIX for s in vol.snapshots()]
+            except BlocksnapError:
+                raise FuseOSError(errno.ENOENT) from None
+        raise FuseOSError(errno.ENOTDIR)
+
+    @fuse_errors
+    def statfs(self, path: str) -> dict[str, int]:
+        st = self.pool.status()
+        bs = 4096  # also the loop device's discard granularity
+        return {"f_bsize": bs, "f_frsize": bs, "f_blocks": st["size"] // bs,
+                "f_bfree": st["free"] // bs, "f_bavail": st["free"] // bs,
+                "f_files": 0, "f_ffree": 0, "f_namemax": 255}
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        if path is None:  # ftruncate (nullpath_ok)
+            h = self._handle(fh or 0)
+            kind, vol = ("volimg" if h.snapshot is None else "snapimg"), self.pool.volume(h.volume)
+        else:
+            kind, vol, _ = self._lookup(path)
+        if kind == "snapimg" or (kind == "volimg" and self.read_only):
+            raise FuseOSError(errno.EROFS)
+        if kind != "volimg":
+            raise FuseOSError(errno.EISDIR)
+        if length != vol.size:  # a disk does not change size: use `volume resize`
+            raise FuseOSError(errno.EPERM)
+        return 0
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        self._lookup(path)
+        return 0
+
+    def chmod(self, path: str, mode: int) -> int:
+        raise FuseOSError(errno.EPERM)
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        raise FuseOSError(errno.EPERM)
+
+    # -- open files ------------------------------------------------------------
+    def open(self, path: str, flags: int) -> int:
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        with self.pool.lock:
+            kind, vol, snap = self._lookup(path)
+            if kind not in ("volimg", "snapimg"):
+                raise FuseOSError(errno.EISDIR)
+            if writing and (kind == "snapimg" or self.read_only):
+                raise FuseOSError(errno.EROFS)
+            h = Handle(vol.name, snap.name if snap is not None else None,
+                       vol if snap is None else snap, writing)
+            fh = next(self._ids)
+            self.handles[fh] = h
+            self.open_count[h.key] += 1
+        log.debug("open %s fh=%d %s", path, fh, "rw" if writing else "ro")
+        return fh
+
+    def release(self, path: str | None, fh: int) -> int:
+        with self.pool.lock:
+            h = self.handles.pop(fh, None)
+            if h is not None:
+                self.open_count[h.key] -= 1
+                if self.open_count[h.key] <= 0:
+                    del self.open_count[h.key]
+        return 0
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise FuseOSError(errno.EBADF) from None
+
+    @fuse_errors
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        obj = self._handle(fh).obj
+        end = min(offset + size, obj.size)
+        if offset >= end:
+            return b""
+        return obj.read(offset, end - offset)
+
+    @fuse_errors
+    def write(self, path: str | None, data: Any, offset: int, fh: int) -> int:
+        h = self._handle(fh)
+        if not h.writable:
+            raise FuseOSError(errno.EBADF)
+        vol = h.obj
+        room = vol.size - offset
+        if room <= 0:
+            raise FuseOSError(errno.ENOSPC)  # past the end of a disk
+        n = min(len(data), room)
+        vol.write(offset, data[:n] if n < len(data) else data)
+        self.mtime[h.volume] = time.time_ns()
+        self._unkicked += n
+        if self._unkicked >= KICK_BYTES:
+            self._unkicked = 0
+            self._wake.set()
+        return n
+
+    @fuse_errors
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        h = self._handle(fh)
+        if h.snapshot is None:
+            h.obj.flush()
+        return 0
+
+    @fuse_errors
+    def flush(self, path: str | None, fh: int) -> int:
+        h = self._handle(fh)
+        if h.writable:
+            h.obj.flush()
+        return 0
+
+    @fuse_errors
+    def fallocate(self, path: str | None, mode: int, offset: int, length: int, fh: int) -> int:
+        """PUNCH_HOLE (discard, fstrim) and ZERO_RANGE unmap blocks; reads give zeros."""
+        h = self._handle(fh)
+        if not h.writable:
+            raise FuseOSError(errno.EBADF)
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FuseOSError(errno.EOPNOTSUPP)
+        vol = h.obj
+        end = min(offset + length, vol.size)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            if offset < end:
+                vol.discard(offset, end - offset)
+                self.mtime[h.volume] = time.time_ns()
+                self._commit_soon.set()  # freed blocks return to the pool on commit
+                self._wake.set()
+            return 0
+        if offset + length > vol.size and not mode & FALLOC_FL_KEEP_SIZE:
+            raise FuseOSError(errno.EOPNOTSUPP)  # the image cannot grow
+        return 0  # thin volumes allocate on write: nothing to reserve
+
+    # -- lifecycle -------------------------------------------------------------
+    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
+        """1 MiB requests, direct I/O, no entry caching (live listing), no path lookups."""
+        if conn_info is not None:
+            conn_info.max_write = self.max_write
+            conn_info.max_background = 64
+            conn_info.congestion_threshold = 48
+        if config_3 is not None:
+            config_3.direct_io = 1
+            config_3.entry_timeout = 0.0
+            config_3.negative_timeout = 0.0
+            config_3.attr_timeout = 1.0
+            config_3.nullpath_ok = 1
+        threading.Thread(target=self._background, name="writeback", daemon=True).start()
+        self.initialized.set()
+        log.info("FUSE initialised (max_write %d)", self.max_write)
+        if self.on_init is not None:
+            self.on_init()
+
+    def _background(self, delay: float = 0.5) -> None:
+        """Writeback and commits that no request should wait for.
+
+        - Start writeback of the data store (and cow origins) every KICK_BYTES of new
+          data: the engine writes to the page cache, and without this the whole
+          backlog reaches the disk only at the next flush, serialised behind it.
+        - Commit shortly after discards (fstrim sends no flush), batching a burst.
+        """
+        while not self._closing:
+            if not self._wake.wait(1.0):
+                continue
+            self._wake.clear()
+            try:
+                for fd in self._data_fds():
+                    _sync_file_range(fd)
+                if self._commit_soon.is_set():
+                    time.sleep(delay)
+                    self._commit_soon.clear()
+                    with self.pool.lock:
+                        if self.pool.closed:
+                            return
+                        self.pool.commit()
+            except Exception:  # noqa: BLE001 - the next flush will report it
+                log.exception("background writeback/commit failed")
+
+    def _data_fds(self) -> list[int]:
+        with self.pool.lock:
+            if self.pool.closed:
+                return []
+            fds = [self.pool.store.fd]
+            for v in self.pool.volumes_by_name.values():
+                origin = getattr(v, "_origin", None)
+                if origin is not None:
+                    fds.append(origin.fd)
+            return [os.dup(fd) for fd in fds]  # ours to close: the pool may close its own
+
+    def destroy(self, path: str) -> None:
+        self._closing = True
+        log.info("FUSE session ends")
