@@ -23,7 +23,11 @@ def block_sums(buf: memoryview | bytes | bytearray, which: np.ndarray, bs: int) 
 def nonzero_blocks(buf: bytes | bytearray | memoryview, n: int, bs: int) -> np.ndarray:
     """Mask of blocks holding any non-zero byte (vectorised, no Python loop)."""
     arr = np.frombuffer(buf, np.uint64, count=n * bs // 8).reshape(n, bs // 8)
-    return arr.any(axis=1)
+    mask = arr[:, 0] != 0            # most data blocks start with a non-zero word
+    rest = np.flatnonzero(~mask)
+    if len(rest):
+        mask[rest] = arr[rest].any(axis=1)
+    return mask
 
 
 def runs(values: np.ndarray, step: int) -> list[tuple[int, int]]:
@@ -96,3 +100,18 @@ def aligned_slice(buf: bytearray, start: int, length: int) -> bytes | bytearray:
     if start == 0 and length == len(buf):
         return buf
     return bytes(memoryview(buf)[start:start + length])
+
+
+def write_new_blocks(space, store, buf, which: np.ndarray, bs: int, units: int) -> np.ndarray:
+    """Allocate one block per index in `which` and write those buffer blocks there.
+
+    On failure (ENOSPC from the host, I/O error) the allocation is undone, so no map
+    ever sees a block whose write did not happen.
+    """
+    starts = space.alloc(len(which), units)
+    try:
+        write_stored(store, starts, bs, buf, which)
+    except BaseException:
+        space.release_now(starts, units)
+        raise
+    return starts

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import InvalidArgument, NotFound
 from ..store import FileStore
-from .blockio import aligned_slice, block_sums, mask_runs, nonzero_blocks, read_stored, write_stored
+from .blockio import (aligned_slice, block_sums, mask_runs, nonzero_blocks, read_stored,
+                      write_new_blocks)
 from .catalog import SnapshotRow, VolumeRow
 from .layout import HOLE, PAGE_ENTRIES, ZERO
 from .radix import Tree, levels_for
@@ -22,6 +23,7 @@ from .volume_base import VolumeBase
 
 E = PAGE_ENTRIES
 CHUNK_BLOCKS_BYTES = 8 << 20
+COPY_AHEAD = 8 << 20
 
 
 class CowVolume(VolumeBase):
@@ -33,6 +35,8 @@ class CowVolume(VolumeBase):
         self.trees = {s.name: Tree(s.root, s.levels, self.units) for s in self.snapshot_rows}
         self._origin: FileStore | None = None
         self._origin_dirty = False
+        self._stream_end = -1   # sequential-writer detection for copy-ahead
+        self._stream_len = 0
 
     def row(self) -> VolumeRow:
         return VolumeRow(self.name, self.mode, self.size, self.block_size, self.origin,
@@ -91,28 +95,34 @@ class CowVolume(VolumeBase):
             self._origin_dirty = True
 
     def _preserve(self, b0: int, b1: int) -> None:
-        """Copy blocks the newest snapshot still reads from the origin, and commit."""
+        """Copy blocks the newest snapshot still reads from the origin, and commit.
+
+        A sequential writer would pay a commit (two fsyncs) per request; so when a
+        write continues the previous one, blocks ahead of it are preserved in the
+        same commit (up to COPY_AHEAD bytes, never more than the stream has written).
+        """
         if not self.snapshot_rows:
             return
         pool, bs = self.pool, self.block_size
         newest = self.trees[self.snapshot_rows[-1].name]
         ptrs, _ = pool.maps.get_range(newest, b0, b1)
-        need = ptrs == HOLE
-        if not need.any():
+        sequential = b0 == self._stream_end or b0 + 1 == self._stream_end
+        self._stream_len = self._stream_len + (b1 - b0) if sequential else b1 - b0
+        self._stream_end = b1
+        if not (ptrs == HOLE).any():
             return
+        ahead = min(COPY_AHEAD // bs, self._stream_len - (b1 - b0)) if sequential else 0
+        hi = min(self.nblocks, b1 + max(ahead, 0))
+        if hi > b1:
+            ptrs = np.concatenate((ptrs, pool.maps.get_range(newest, b1, hi)[0]))
+        need = ptrs == HOLE
         origin = self.origin_store
         for start, count in mask_runs(need):
             n = count
             buf = bytearray(n * bs)
             origin.preadinto(memoryview(buf), (b0 + start) * bs)
-            nz = nonzero_blocks(buf, n, bs)
-            which = np.flatnonzero(nz)
-            starts = pool.space.alloc(len(which), self.units)
-            try:
-                write_stored(pool.store, starts, bs, buf, which)
-            except BaseException:
-                pool.space.release_now(starts, self.units)
-                raise
+            which = np.flatnonzero(nonzero_blocks(buf, n, bs))
+            starts = write_new_blocks(pool.space, pool.store, buf, which, bs, self.units)
             entries = np.full(n, ZERO, np.uint64)
             entries[which] = starts
             sums = np.zeros(n, np.uint64)
@@ -247,29 +257,34 @@ class CowVolume(VolumeBase):
         clone = RowVolume(pool, new_row, [])
         n = self.nblocks
         step = E
-        for b0 in range(0, n, step):
-            b1 = min(n, b0 + step)
-            ptrs, sums, in_origin = self._resolve(srow, b0, b1)
-            shared = ptrs >= 2
-            entries = np.where(shared, ptrs, np.uint64(0)).astype(np.uint64)
-            csums = np.where(shared, sums, np.uint64(0)).astype(np.uint64)
-            if shared.any():
-                pool.space.incref(ptrs[shared])
-            if in_origin.any():
-                buf = bytearray((b1 - b0) * bs)
-                mv = memoryview(buf)
-                for s, c in mask_runs(in_origin):
-                    self.origin_store.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
-                nz = nonzero_blocks(buf, b1 - b0, bs) & in_origin
-                which = np.flatnonzero(nz)
-                starts = pool.space.alloc(len(which), self.units)
-                write_stored(pool.store, starts, bs, buf, which)
-                entries[which] = starts
-                csums[which] = block_sums(buf, which, bs)
-            if entries.any():
-                pool.maps.set_range(clone.tree, b0, entries, csums)
-            if progress:
-                progress(b1 * bs, n * bs)
+        try:
+            for b0 in range(0, n, step):
+                b1 = min(n, b0 + step)
+                ptrs, sums, in_origin = self._resolve(srow, b0, b1)
+                shared = ptrs >= 2
+                entries = np.where(shared, ptrs, np.uint64(0)).astype(np.uint64)
+                csums = np.where(shared, sums, np.uint64(0)).astype(np.uint64)
+                if in_origin.any():
+                    buf = bytearray((b1 - b0) * bs)
+                    mv = memoryview(buf)
+                    for s, c in mask_runs(in_origin):
+                        self.origin_store.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
+                    nz = nonzero_blocks(buf, b1 - b0, bs) & in_origin
+                    which = np.flatnonzero(nz)
+                    starts = write_new_blocks(pool.space, pool.store, buf, which, bs, self.units)
+                    entries[which] = starts
+                    csums[which] = block_sums(buf, which, bs)
+                if shared.any():  # only once nothing in this chunk can fail
+                    pool.space.incref(ptrs[shared])
+                if entries.any():
+                    pool.maps.set_range(clone.tree, b0, entries, csums)
+                if progress:
+                    progress(b1 * bs, n * bs)
+        except BaseException:
+            # e.g. out of space half way: give back the pages and block references
+            # of the chunks already done, so the pool stays exactly as it was
+            pool.pages.decref(clone.tree.root)
+            raise
         return clone.row()
 
     def _snap_candidates(self, srow: SnapshotRow) -> np.ndarray:

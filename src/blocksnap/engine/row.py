@@ -56,23 +56,26 @@ class RowVolume(VolumeBase):
             if not len(data):
                 return
             bs = self.block_size
-            b0, b1 = offset // bs, -(-(offset + len(data)) // bs)
-            n = b1 - b0
-            head = offset - b0 * bs
-            end = head + len(data)
-            if head == 0 and end == n * bs:
-                buf = data
-            else:
-                buf = bytearray(n * bs)
-                edges = sorted(({0} if head else set()) | ({n - 1} if end % bs else set()))
-                ptrs, sums = self.pool.maps.get_range(self.tree, b0, b1)
-                for e in edges:
-                    sub = bytearray(bs)
-                    read_stored(self.pool.store, ptrs[e:e + 1], sums[e:e + 1], bs, sub,
-                                f" in volume {self.name}", b0 + e)
-                    buf[e * bs:(e + 1) * bs] = sub
-                buf[head:end] = data
-            self._store_blocks(b0, buf, n)
+            end = offset + len(data)
+            first, last = -(-offset // bs), end // bs   # whole blocks [first, last)
+            if offset // bs == (end - 1) // bs and (offset % bs or end % bs):  # inside one block
+                self._merge_block(offset // bs, offset % bs, data)
+                return
+            if offset % bs:
+                self._merge_block(first - 1, offset % bs, data[:first * bs - offset])
+            if last > first:                             # aligned middle: no copy
+                self._store_blocks(first, data[first * bs - offset:last * bs - offset], last - first)
+            if end % bs:
+                self._merge_block(last, 0, data[last * bs - offset:])
+
+    def _merge_block(self, b: int, at: int, piece: memoryview) -> None:
+        """Read-modify-write of one block that the write covers only in part."""
+        bs = self.block_size
+        ptrs, sums = self.pool.maps.get_range(self.tree, b, b + 1)
+        buf = bytearray(bs)
+        read_stored(self.pool.store, ptrs, sums, bs, buf, f" in volume {self.name}", b)
+        buf[at:at + len(piece)] = piece
+        self._store_blocks(b, buf, 1)
 
     def _store_blocks(self, b0: int, buf, n: int) -> None:
         """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused."""
@@ -137,14 +140,13 @@ class RowVolume(VolumeBase):
                 raise InvalidArgument(f"invalid volume size {size}: must be a positive multiple of 512")
             if size < self.size:
                 keep = -(-size // self.block_size)
+                tail = keep * self.block_size
+                if tail > size:  # zero the cut-off part of the last block first: if that
+                    # fails (out of space), nothing has changed yet
+                    self.write(size, bytes(min(self.size, tail) - size))
                 dropped = clear_range(self.pool.maps, self.tree, keep, self.nblocks)
                 if len(dropped):
                     self.pool.space.decref(dropped, self.units)
-                tail = keep * self.block_size
-                if tail > size:  # zero the cut-off part of the last block
-                    old = self.size
-                    self.size = min(old, tail)
-                    self.write(size, bytes(self.size - size))
             self.size = size
             self.pool.maps.grow(self.tree, levels_for(self.nblocks))
             self.pool.commit(volumes=[self])

@@ -50,11 +50,16 @@ class Space:
         start_row = max(self.cursor // units, HEADER_UNITS // units)
         row = start_row
         scanned = 0
+        wrapped = False
         while got < n and scanned < total_rows:
             span = max(WINDOW // units, 64)
-            end = min(row + span, total_rows)
+            # after wrapping around, stop before start_row: rows from there on were
+            # scanned already and their free blocks are in `found` (not yet marked)
+            end = min(row + span, start_row if wrapped else total_rows)
             if end <= row:
-                row = 0
+                if wrapped:
+                    break
+                row, wrapped = 0, True
                 continue
             window = self.used[row * units:end * units].reshape(-1, units).any(axis=1)
             idx = np.flatnonzero(~window)[: n - got]
@@ -62,7 +67,7 @@ class Space:
                 found.append((idx + row) * units)
                 got += len(idx)
             scanned += end - row
-            row = end if end < total_rows else 0
+            row = end
         if got < n:
             raise OutOfSpace("out of space in the pool: no free block left for this write")
         starts = np.concatenate(found).astype(np.uint64)
