@@ -10,6 +10,8 @@ The copy is committed before the origin is written.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..errors import InvalidArgument, NotFound
@@ -178,7 +180,13 @@ class CowVolume(VolumeBase):
         ptrs, sums, _ = self._resolve(srow, b0, b1)
         return ptrs, sums
 
-    def _snap_read(self, srow: SnapshotRow, offset: int, length: int) -> bytes:
+    def _snap_read(self, srow: SnapshotRow, offset: int, length: int,
+                   check: Callable[[], None] = lambda: None) -> bytes:
+        with self.pool.lock:  # origin blocks may change: the whole read holds the lock
+            check()
+            return self._snap_read_locked(srow, offset, length)
+
+    def _snap_read_locked(self, srow: SnapshotRow, offset: int, length: int) -> bytes:
         self._bounds(offset, length)
         if not length:
             return b""

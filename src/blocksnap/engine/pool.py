@@ -41,6 +41,9 @@ class Pool:
         self.closed = False
         self.reclaimed_on_open: dict[str, int] = {}
         self.read_only = False
+        self.commit_epoch = 0
+        self._readers: dict[int, int] = {}
+        self._quarantine: list[tuple[int, list[tuple[np.ndarray, int]]]] = []
 
     # -- creation and opening ---------------------------------------------
     @classmethod
@@ -232,8 +235,46 @@ class Pool:
             pp.dirty.clear()
             pp.freed.clear()
             self._dirty_volumes.clear()
-            for starts, units in self.space.after_commit():
+            self.commit_epoch += 1
+            self._quarantine.append((self.commit_epoch, self.space.take_pending()))
+            self._release_quarantine()
+
+    # -- readers outside the lock -------------------------------------------
+    def reader_enter(self) -> int:
+        """Called under the lock by a read that will do its I/O unlocked."""
+        ep = self.commit_epoch
+        self._readers[ep] = self._readers.get(ep, 0) + 1
+        return ep
+
+    def reader_exit(self, ep: int) -> None:
+        with self.lock:
+            n = self._readers[ep] - 1
+            if n:
+                self._readers[ep] = n
+            else:
+                del self._readers[ep]
+            self._release_quarantine()
+
+    def _release_quarantine(self) -> None:
+        """Free blocks released by commits that every running reader started after.
+
+        A read resolves its map under the lock and reads unlocked; a block it resolved
+        may be released by a commit meanwhile, so it is not reusable until that read
+        is over.
+        """
+        oldest = min(self._readers, default=None)
+        keep = []
+        for ep, released in self._quarantine:
+            if oldest is not None and oldest < ep:
+                keep.append((ep, released))
+                continue
+            for starts, units in released:
+                self.space.mark(starts, units, False)
                 self._punch(starts, units)
+        self._quarantine = keep
+
+    def quarantined(self) -> list[tuple[np.ndarray, int]]:
+        return [item for _, released in self._quarantine for item in released]
 
     def _reclaim_host_space(self) -> int:
         """Punch out parts of a sparse data file that hold no referenced unit.

@@ -7,9 +7,11 @@ on a map root.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import CorruptionError, InvalidArgument
 from .blockio import aligned_slice, block_sums, nonzero_blocks, read_stored, write_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
@@ -32,19 +34,41 @@ class RowVolume(VolumeBase):
 
     # -- reading ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        with self.pool.lock:
+        def locate() -> tuple[Tree, int]:
             self._check()
-            return self._read_tree(self.tree, self.size, offset, length, f" in volume {self.name}")
+            return self.tree, self.size
+        return self._read_tree(locate, offset, length, f" in volume {self.name}")
 
-    def _read_tree(self, tree: Tree, size: int, offset: int, length: int, where: str) -> bytes:
-        self._bounds(offset, length, size)
-        if length == 0:
-            return b""
-        bs = self.block_size
-        b0, b1 = offset // bs, -(-(offset + length) // bs)
-        ptrs, sums = self.pool.maps.get_range(tree, b0, b1)
-        buf = bytearray((b1 - b0) * bs)
-        read_stored(self.pool.store, ptrs, sums, bs, buf, where, b0)
+    def _read_tree(self, locate: Callable[[], tuple[Tree, int]], offset: int, length: int,
+                   where: str) -> bytes | bytearray:
+        """Resolve the map under the pool lock, then read the data without it.
+
+        Blocks a concurrent commit releases stay allocated until this read is over
+        (Pool.reader_enter/exit), so what the map named is what gets read.
+        """
+        pool, bs = self.pool, self.block_size
+        with pool.lock:
+            tree, size = locate()
+            self._bounds(offset, length, size)
+            if length == 0:
+                return b""
+            b0, b1 = offset // bs, -(-(offset + length) // bs)
+            ptrs, sums = pool.maps.get_range(tree, b0, b1)
+            token = pool.reader_enter()
+        try:
+            buf = bytearray((b1 - b0) * bs)
+            try:
+                read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
+            except CorruptionError:
+                # a block written since the last commit is overwritten in place, so an
+                # unlocked read racing a write can tear: judge it again under the lock
+                with pool.lock:
+                    tree, size = locate()
+                    ptrs, sums = pool.maps.get_range(tree, b0, b1)
+                    buf = bytearray((b1 - b0) * bs)
+                    read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
+        finally:
+            pool.reader_exit(token)
         return aligned_slice(buf, offset - b0 * bs, length)
 
     # -- writing ------------------------------------------------------------
@@ -167,9 +191,12 @@ class RowVolume(VolumeBase):
     def _snap_tree(self, srow: SnapshotRow) -> Tree:
         return Tree(srow.root, srow.levels, self.units)
 
-    def _snap_read(self, srow: SnapshotRow, offset: int, length: int) -> bytes:
-        return self._read_tree(self._snap_tree(srow), srow.size, offset, length,
-                               f" in snapshot {self.name}@{srow.name}")
+    def _snap_read(self, srow: SnapshotRow, offset: int, length: int,
+                   check: Callable[[], None] = lambda: None) -> bytes:
+        def locate() -> tuple[Tree, int]:
+            check()
+            return self._snap_tree(srow), srow.size
+        return self._read_tree(locate, offset, length, f" in snapshot {self.name}@{srow.name}")
 
     def _snap_map(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
         """Entries of blocks [b0, b1) as a snapshot sees them (HOLE = zeros)."""

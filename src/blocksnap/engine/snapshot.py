@@ -50,9 +50,7 @@ class Snapshot:
 
     # -- data -----------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        with self.volume.pool.lock:
-            self._check()
-            return self.volume._snap_read(self.row, offset, length)
+        return self.volume._snap_read(self.row, offset, length, self._check)
 
     def export(self, output: str, progress: Callable[[int, int], None] | None = None,
                force: bool = False) -> dict[str, int]:

@@ -100,11 +100,20 @@ class Space:
 
     def after_commit(self) -> list[tuple[np.ndarray, int]]:
         """The transaction is durable: deferred frees become free space."""
+        released = self.take_pending()
+        for starts, units in released:
+            self.mark(starts, units, False)
+        return released
+
+    def take_pending(self) -> list[tuple[np.ndarray, int]]:
+        """Commit done: clear the fresh marks and hand over the deferred frees.
+
+        The caller frees them (mark(..., False)) once no reader can still be reading
+        them (see Pool: reads do their I/O outside the pool lock).
+        """
         for starts in self._fresh_list:
             self.fresh[starts.astype(np.int64)] = False
         self._fresh_list.clear()
         released = self.pending
         self.pending = []
-        for starts, units in released:
-            self.mark(starts, units, False)
         return released
