@@ -54,21 +54,28 @@ def mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:
 def read_stored(store, ptrs: np.ndarray, sums: np.ndarray, bs: int, buf: bytearray,
                 where: str = "", base_block: int = 0, verify: bool = True) -> None:
     """Fill buf[i*bs:(i+1)*bs] for every i with a stored block (ptr >= 2)."""
-    idx = np.flatnonzero(ptrs >= 2)
-    if not len(idx):
-        return
     units = bs // UNIT
     mv = memoryview(buf)
-    sel = ptrs[idx]
-    # contiguous both in the buffer and in the store
-    pos = idx.astype(np.int64) * units
-    key = sel.astype(np.int64) - pos
-    breaks = np.flatnonzero((np.diff(key) != 0) | (np.diff(idx) != 1)) + 1
-    bounds = np.concatenate(([0], breaks, [len(idx)]))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        i0 = int(idx[a])
-        cnt = int(b - a)
-        store.preadinto(mv[i0 * bs:(i0 + cnt) * bs], int(sel[a]) * UNIT)
+    n = len(ptrs)
+    first = int(ptrs[0]) if n else 0
+    if first >= 2 and (n == 1 or int(ptrs[-1]) - first == (n - 1) * units
+                       and (np.diff(ptrs.astype(np.int64)) == units).all()):
+        # the common case: one run, laid out in order in the store
+        store.preadinto(mv[:n * bs], first * UNIT)
+        idx = np.arange(n)
+    else:
+        idx = np.flatnonzero(ptrs >= 2)
+        if not len(idx):
+            return
+        sel = ptrs[idx]
+        # contiguous both in the buffer and in the store
+        key = sel.astype(np.int64) - idx.astype(np.int64) * units
+        breaks = np.flatnonzero((np.diff(key) != 0) | (np.diff(idx) != 1)) + 1
+        bounds = np.concatenate(([0], breaks, [len(idx)]))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            i0 = int(idx[a])
+            cnt = int(b - a)
+            store.preadinto(mv[i0 * bs:(i0 + cnt) * bs], int(sel[a]) * UNIT)
     if verify:
         got = block_sums(buf, idx, bs)
         bad = idx[got != sums[idx]]
