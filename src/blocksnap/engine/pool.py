@@ -42,6 +42,7 @@ class Pool:
         self.reclaimed_on_open: dict[str, int] = {}
         self.read_only = False
         self.commit_epoch = 0
+        self.scratch = bytearray()   # merge buffer of unaligned writes (under the lock)
         self._readers: dict[int, int] = {}
         self._quarantine: list[tuple[int, list[tuple[np.ndarray, int]]]] = []
 

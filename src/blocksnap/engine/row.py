@@ -80,26 +80,25 @@ class RowVolume(VolumeBase):
             if not len(data):
                 return
             bs = self.block_size
-            end = offset + len(data)
-            first, last = -(-offset // bs), end // bs   # whole blocks [first, last)
-            if offset // bs == (end - 1) // bs and (offset % bs or end % bs):  # inside one block
-                self._merge_block(offset // bs, offset % bs, data)
+            b0, b1 = offset // bs, -(-(offset + len(data)) // bs)
+            head, tail = offset - b0 * bs, b1 * bs - offset - len(data)
+            if not head and not tail:
+                self._store_blocks(b0, data, b1 - b0)   # aligned: straight from the caller
                 return
-            if offset % bs:
-                self._merge_block(first - 1, offset % bs, data[:first * bs - offset])
-            if last > first:                             # aligned middle: no copy
-                self._store_blocks(first, data[first * bs - offset:last * bs - offset], last - first)
-            if end % bs:
-                self._merge_block(last, 0, data[last * bs - offset:])
-
-    def _merge_block(self, b: int, at: int, piece: memoryview) -> None:
-        """Read-modify-write of one block that the write covers only in part."""
-        bs = self.block_size
-        ptrs, sums = self.pool.maps.get_range(self.tree, b, b + 1)
-        buf = bytearray(bs)
-        read_stored(self.pool.store, ptrs, sums, bs, buf, f" in volume {self.name}", b)
-        buf[at:at + len(piece)] = piece
-        self._store_blocks(b, buf, 1)
+            # unaligned: merge into a scratch buffer reused across writes (the pool
+            # lock serialises them), reading only the partial first and last blocks
+            n = b1 - b0
+            if len(self.pool.scratch) < n * bs:
+                self.pool.scratch = bytearray(n * bs)
+            buf = memoryview(self.pool.scratch)[:n * bs]
+            ptrs, sums = self.pool.maps.get_range(self.tree, b0, b1)
+            for e in sorted(({0} if head else set()) | ({n - 1} if tail else set())):
+                edge = buf[e * bs:(e + 1) * bs]
+                edge[:] = bytes(bs)
+                read_stored(self.pool.store, ptrs[e:e + 1], sums[e:e + 1], bs, edge,
+                            f" in volume {self.name}", b0 + e)
+            buf[head:head + len(data)] = data
+            self._store_blocks(b0, buf, n)
 
     def _store_blocks(self, b0: int, buf, n: int) -> None:
         """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused."""

@@ -44,15 +44,20 @@ class Space:
         """n blocks of `units` units each, aligned to `units`; refcount 1, fresh."""
         if n == 0:
             return np.zeros(0, np.uint64)
+        total_rows = self.total // units
+        start_row = max(-(-self.cursor // units), HEADER_UNITS // units)
+        lo, hi = start_row * units, (start_row + n) * units
+        if hi <= self.total and not self.used[lo:hi].any():
+            # the common case: free space right at the cursor (sequential writers)
+            return self._take(np.arange(start_row, start_row + n, dtype=np.uint64) * units, units)
         found: list[np.ndarray] = []
         got = 0
-        total_rows = self.total // units
-        start_row = max(self.cursor // units, HEADER_UNITS // units)
         row = start_row
         scanned = 0
         wrapped = False
+        span = n * 8 + 64               # small windows first, growing while nothing fits
         while got < n and scanned < total_rows:
-            span = max(WINDOW // units, 64)
+            span = min(span * 2, max(WINDOW // units, 64) * 16)
             # after wrapping around, stop before start_row: rows from there on were
             # scanned already and their free blocks are in `found` (not yet marked)
             end = min(row + span, start_row if wrapped else total_rows)
@@ -70,7 +75,9 @@ class Space:
             row = end
         if got < n:
             raise OutOfSpace("out of space in the pool: no free block left for this write")
-        starts = np.concatenate(found).astype(np.uint64)
+        return self._take(np.concatenate(found).astype(np.uint64), units)
+
+    def _take(self, starts: np.ndarray, units: int) -> np.ndarray:
         self.mark(starts, units, True)
         self.bref[starts.astype(np.int64)] = 1
         self.fresh[starts.astype(np.int64)] = True
