@@ -38,6 +38,7 @@ def check(settings: Settings, repair: bool, as_json: bool) -> None:
         text += f"\nrepaired: {r}"
     emit(res, as_json, text)
     if not res["clean"] and not res["repaired"]:
+        click.echo(f"error: the pool's metadata has {len(res['errors'])} problem(s)", err=True)
         raise SystemExit(1)
 
 
@@ -55,6 +56,8 @@ def scrub(settings: Settings, target: str, as_json: bool) -> None:
                  + ("clean" if res["clean"] else f"{len(res['bad'])} bad"))
     emit(res, as_json, "\n".join(lines))
     if not res["clean"]:
+        # the report above names the blocks; the error contract wants one stderr line
+        click.echo(f"error: {target}: {len(res['bad'])} block(s) failed their checksum", err=True)
         raise SystemExit(1)
 
 

@@ -45,7 +45,9 @@ class Space:
         if n == 0:
             return np.zeros(0, np.uint64)
         total_rows = self.total // units
-        start_row = max(-(-self.cursor // units), HEADER_UNITS // units)
+        # never past the last whole row: a cursor left at the very end by a smaller
+        # block size would make the wrapped scan run off the store
+        start_row = min(max(-(-self.cursor // units), HEADER_UNITS // units), total_rows)
         lo, hi = start_row * units, (start_row + n) * units
         if hi <= self.total and not self.used[lo:hi].any():
             # the common case: free space right at the cursor (sequential writers)
