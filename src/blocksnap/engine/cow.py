@@ -25,7 +25,7 @@ from .volume_base import VolumeBase
 
 E = PAGE_ENTRIES
 CHUNK_BLOCKS_BYTES = 8 << 20
-COPY_AHEAD = 8 << 20
+COPY_AHEAD = 4 << 20
 
 
 class CowVolume(VolumeBase):
@@ -101,7 +101,8 @@ class CowVolume(VolumeBase):
 
         A sequential writer would pay a commit (two fsyncs) per request; so when a
         write continues the previous one, blocks ahead of it are preserved in the
-        same commit (up to COPY_AHEAD bytes, never more than the stream has written).
+        same commit (up to COPY_AHEAD bytes, and at most a quarter of what the stream
+        has written, which bounds the blocks copied but never overwritten).
         """
         if not self.snapshot_rows:
             return
@@ -113,7 +114,7 @@ class CowVolume(VolumeBase):
         self._stream_end = b1
         if not (ptrs == HOLE).any():
             return
-        ahead = min(COPY_AHEAD // bs, self._stream_len - (b1 - b0)) if sequential else 0
+        ahead = min(COPY_AHEAD // bs, self._stream_len // 4) if sequential else 0
         hi = min(self.nblocks, b1 + max(ahead, 0))
         if hi > b1:
             ptrs = np.concatenate((ptrs, pool.maps.get_range(newest, b1, hi)[0]))
