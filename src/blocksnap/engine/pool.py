@@ -176,15 +176,11 @@ class Pool:
             try:
                 self.commit()
             finally:
-                self.closed = True
-                for v in self.volumes_by_name.values():
-                    v._close()
-                self.store.close()
-                self.catalog.close()
-                os.close(self._lockfd)
+                self.abandon()
 
     def abandon(self) -> None:
-        """Drop the pool without committing, as a crash would (used by crash tests)."""
+        """Drop the pool without committing, as a crash would (crash tests use it;
+        close() ends with it after its commit)."""
         self.closed = True
         for v in self.volumes_by_name.values():
             v._close()
