@@ -58,7 +58,7 @@ def check_pool(pool, repair: bool = False) -> dict[str, Any]:
                 if v.mode == "row" and s.size % 512:
                     errors.append(f"snapshot {v.name}@{s.name}: bad size {s.size}")
         repaired: list[str] = []
-        if repair and (rep.bad_pointers or rep.unreachable_pages):
+        if repair and (rep.bad_pointers or rep.unreachable_pages or _missing_roots(pool)):
             repaired = _repair(pool, rep)
         return {
             "clean": not errors, "errors": errors, "repaired": repaired,
@@ -79,11 +79,42 @@ def _repair(pool, rep) -> list[str]:
             pp.csum[pid, col] = 0
             pp.dirty.add(pid)
             done.append(f"cleared bad pointer in map page {pid} slot {col}")
+    for owner, obj in _missing_roots(pool):
+        # the whole map is gone: the volume or snapshot reads as zeros from now on
+        if hasattr(obj, "tree"):
+            obj.tree.root = 0
+            pool.mark_dirty(obj.name)
+        else:
+            obj.root = 0
+            if hasattr(owner, "trees"):
+                owner.trees[obj.name].root = 0
+            pool.catalog.commit(snapshots=[obj])
+        done.append(f"dropped the missing map of {owner.name}"
+                    + (f"@{obj.name}" if obj is not owner else ""))
     if rep.unreachable_pages:
         pool.catalog.commit(freed_pages=rep.unreachable_pages)
         done.append(f"deleted {len(rep.unreachable_pages)} orphan map page(s)")
     pool.commit()
+    # start again from what is now committed, so refcounts match it exactly
+    rebuild_refcounts(pp, pool.space, [(r, lv) for _, r, lv in _all_roots(pool)])
     return done
+
+
+def _missing_roots(pool) -> list[tuple[Any, Any]]:
+    """(volume, volume-or-snapshot-row) whose root page does not exist."""
+    pp = pool.pages
+    out = []
+
+    def gone(root: int) -> bool:
+        return bool(root) and (root >= pp.next_id or not pp.kind[root])
+    for v in pool.volumes_by_name.values():
+        if v.mode == "row" and gone(v.tree.root):
+            out.append((v, v))
+        for s in v.snapshot_rows:
+            root = v.trees[s.name].root if v.mode == "cow" else s.root
+            if gone(root):
+                out.append((v, s))
+    return out
 
 
 def scrub(pool, volume: str, snapshot: str | None = None,
