@@ -45,7 +45,7 @@ def check_pool(pool, repair: bool = False) -> dict[str, Any]:
             if not np.array_equal(fresh_space.bref, pool.space.bref):
                 errors.append("block refcounts in memory differ from the catalog")
             used = pool.space.used.copy()
-            for starts, units in pool.quarantined():  # freed, waiting for a reader
+            for starts, units in pool.quarantined():  # waiting for a reader or a write
                 idx = (starts.astype(np.int64)[:, None] + np.arange(units)).ravel()
                 used[idx] = False
             if not np.array_equal(fresh_space.used, used):

@@ -43,6 +43,8 @@ class Pool:
         self.read_only = False
         self.commit_epoch = 0
         self.scratch = bytearray()   # merge buffer of unaligned writes (under the lock)
+        self._inflight: dict[int, tuple[np.ndarray, int]] = {}
+        self._inflight_seq = 0
         self._readers: dict[int, int] = {}
         self._quarantine: list[tuple[int, list[tuple[np.ndarray, int]]]] = []
 
@@ -271,7 +273,18 @@ class Pool:
         self._quarantine = keep
 
     def quarantined(self) -> list[tuple[np.ndarray, int]]:
-        return [item for _, released in self._quarantine for item in released]
+        """Units not free yet but referenced by no map: released while a read ran, or
+        allocated by a write whose data is still on its way (check discounts them)."""
+        return ([item for _, released in self._quarantine for item in released]
+                + list(self._inflight.values()))
+
+    def inflight_enter(self, starts: np.ndarray, units: int) -> int:
+        self._inflight_seq += 1
+        self._inflight[self._inflight_seq] = (starts, units)
+        return self._inflight_seq
+
+    def inflight_exit(self, token: int) -> None:
+        self._inflight.pop(token, None)
 
     def _reclaim_host_space(self) -> int:
         """Punch out parts of a sparse data file that hold no referenced unit.

@@ -82,23 +82,79 @@ class RowVolume(VolumeBase):
             bs = self.block_size
             b0, b1 = offset // bs, -(-(offset + len(data)) // bs)
             head, tail = offset - b0 * bs, b1 * bs - offset - len(data)
-            if not head and not tail:
-                self._store_blocks(b0, data, b1 - b0)   # aligned: straight from the caller
+            if head or tail:
+                self._merge_write(b0, b1, head, tail, data)
                 return
-            # unaligned: merge into a scratch buffer reused across writes (the pool
-            # lock serialises them), reading only the partial first and last blocks
-            n = b1 - b0
-            if len(self.pool.scratch) < n * bs:
-                self.pool.scratch = bytearray(n * bs)
-            buf = memoryview(self.pool.scratch)[:n * bs]
-            ptrs, sums = self.pool.maps.get_range(self.tree, b0, b1)
-            for e in sorted(({0} if head else set()) | ({n - 1} if tail else set())):
-                edge = buf[e * bs:(e + 1) * bs]
-                edge[:] = bytes(bs)
-                read_stored(self.pool.store, ptrs[e:e + 1], sums[e:e + 1], bs, edge,
-                            f" in volume {self.name}", b0 + e)
-            buf[head:head + len(data)] = data
-            self._store_blocks(b0, buf, n)
+            plan = self._plan_unlocked(b0, data, b1 - b0)   # aligned: straight from the caller
+            if plan is None:
+                self._store_blocks(b0, data, b1 - b0)
+                return
+        self._finish_unlocked(b0, data, b1 - b0, plan)
+
+    def _merge_write(self, b0: int, b1: int, head: int, tail: int, data: memoryview) -> None:
+        """Unaligned: merge into a scratch buffer reused across writes (the pool lock
+        serialises them), reading only the partial first and last blocks."""
+        bs, n = self.block_size, b1 - b0
+        if len(self.pool.scratch) < n * bs:
+            self.pool.scratch = bytearray(n * bs)
+        buf = memoryview(self.pool.scratch)[:n * bs]
+        ptrs, sums = self.pool.maps.get_range(self.tree, b0, b1)
+        for e in sorted(({0} if head else set()) | ({n - 1} if tail else set())):
+            edge = buf[e * bs:(e + 1) * bs]
+            edge[:] = bytes(bs)
+            read_stored(self.pool.store, ptrs[e:e + 1], sums[e:e + 1], bs, edge,
+                        f" in volume {self.name}", b0 + e)
+        buf[head:head + len(data)] = data
+        self._store_blocks(b0, buf, n)
+
+    def _plan_unlocked(self, b0: int, buf, n: int) -> tuple | None:
+        """Under the lock: allocate new blocks for a write whose data can then go out
+        without the lock, so concurrent writers overlap their I/O.
+
+        Only when no block of the range would be overwritten in place (a fresh block):
+        two unlocked writers must never write into the same unit.
+        """
+        pool = self.pool
+        old, _ = pool.maps.get_range(self.tree, b0, b0 + n)
+        stored = old >= 2
+        if stored.any() and pool.space.is_fresh(old[stored]).any():
+            return None
+        which = np.flatnonzero(nonzero_blocks(buf, n, self.block_size))
+        starts = pool.space.alloc(len(which), self.units)
+        return which, starts, pool.inflight_enter(starts, self.units)
+
+    def _finish_unlocked(self, b0: int, buf, n: int, plan: tuple) -> None:
+        """Write the data (no lock), then publish it in the map (lock).
+
+        Until the map names them, the new blocks are invisible: a read sees the old
+        data, a commit does not cover them (the write has not completed), a crash
+        leaves them unreferenced (reclaimed on open). Two writes to one block that
+        overlap in time end with either one, as on a disk.
+        """
+        pool, bs = self.pool, self.block_size
+        which, starts, token = plan
+        try:
+            sums = np.zeros(n, np.uint64)
+            sums[which] = block_sums(buf, which, bs)
+            write_stored(pool.store, starts, bs, buf, which)
+        except BaseException:
+            with pool.lock:
+                pool.inflight_exit(token)
+                pool.space.release_now(starts, self.units)
+            raise
+        with pool.lock:
+            pool.inflight_exit(token)
+            if self.deleted or pool.closed or b0 + n > self.nblocks:
+                pool.space.release_now(starts, self.units)
+                self._check()
+                raise InvalidArgument(f"volume {self.name} shrank during a write past its new end")
+            entries = np.zeros(n, np.uint64)
+            entries[which] = starts
+            replaced = pool.maps.set_range(self.tree, b0, entries, sums)
+            dropped = replaced[replaced >= 2]
+            if len(dropped):
+                pool.space.decref(dropped, self.units)
+            pool.mark_dirty(self.name)
 
     def _store_blocks(self, b0: int, buf, n: int) -> None:
         """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused."""
