@@ -82,14 +82,25 @@ class RowVolume(VolumeBase):
             bs = self.block_size
             b0, b1 = offset // bs, -(-(offset + len(data)) // bs)
             head, tail = offset - b0 * bs, b1 * bs - offset - len(data)
-            if head or tail:
+            # whole blocks in the middle go straight from the caller's buffer; partial
+            # blocks at either end are merged with their old content
+            first, last = b0 + (1 if head else 0), b1 - (1 if tail else 0)
+            if first >= last:
                 self._merge_write(b0, b1, head, tail, data)
                 return
-            plan = self._plan_unlocked(b0, data, b1 - b0)   # aligned: straight from the caller
+            # (allocations in volume order: head, middle, tail, so the data store keeps
+            # a sequential write sequential and later reads coalesce)
+            if head:
+                self._merge_write(b0, b0 + 1, head, 0, data[:bs - head])
+            middle = data[(first - b0) * bs - head:(last - b0) * bs - head]
+            plan = self._plan_unlocked(first, middle, last - first)
             if plan is None:
-                self._store_blocks(b0, data, b1 - b0)
+                self._store_blocks(first, middle, last - first)
+            if tail:
+                self._merge_write(last, b1, 0, tail, data[(last - b0) * bs - head:])
+            if plan is None:
                 return
-        self._finish_unlocked(b0, data, b1 - b0, plan)
+        self._finish_unlocked(first, middle, last - first, plan)
 
     def _merge_write(self, b0: int, b1: int, head: int, tail: int, data: memoryview) -> None:
         """Unaligned: merge into a scratch buffer reused across writes (the pool lock
