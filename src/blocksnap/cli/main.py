@@ -21,6 +21,10 @@ from .context import DEFAULT_POOL, Settings
 def cli(ctx: click.Context, pool: str, verbose: int, quiet: bool, debug: bool) -> None:
     """blocksnap: block-level snapshots, FUSE export, freeze hooks and backups."""
     ctx.obj = Settings(pool=pool, verbose=verbose, quiet=quiet, debug=debug)
+    if verbose or debug:
+        import logging
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 or debug else logging.INFO,
+                            format="blocksnap: %(name)s: %(message)s")
     _rethaw_stale_freezes()
 
 
