@@ -86,3 +86,24 @@ def assert_cli_error(res: subprocess.CompletedProcess, code: int = 1, *needles: 
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def root_skip_reason(tools: list[str], why: str) -> str | None:
+    """Why tests that need root, /dev/fuse and these tools cannot run here (or None)."""
+    if os.geteuid() != 0:
+        return f"needs root ({why})"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    missing = [c for c in tools if shutil.which(c) is None]
+    if missing:
+        return f"needs {', '.join(missing)}"
+    return None
+
+
+def mark_root_dir(items, directory: str, reason: str | None) -> None:
+    """Mark the tests under tests/<directory> as root tests, skipped with `reason`."""
+    for item in items:
+        if f"tests/{directory}" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.root)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))

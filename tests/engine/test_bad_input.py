@@ -26,6 +26,17 @@ def rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def fill_pool(pool, bs: int):
+    """A volume written block by block until the pool refuses with ENOSPC."""
+    filler = pool.create_volume("f", size=64 * M, block_size=bs)
+    off = 0
+    with pytest.raises(blocksnap.OutOfSpace):
+        while True:
+            filler.write(off, rand(bs, off))
+            off += bs
+    return filler
+
+
 def make_origin(path, nblocks: int, bs: int, seed: int = 1) -> bytes:
     data = rand(nblocks * bs, seed)
     with open(path, "wb") as f:
@@ -370,12 +381,7 @@ def test_full_pool_cow_write_refused_before_touching_origin(tmp_path):
         old = make_origin(origin, 16, bs)
         cow = pool.create_volume("c", mode="cow", origin=str(origin), block_size=bs)
         snap = cow.snapshot("s")
-        filler = pool.create_volume("f", size=64 * M, block_size=bs)
-        off = 0
-        with pytest.raises(blocksnap.OutOfSpace):
-            while True:
-                filler.write(off, rand(bs, off))
-                off += bs
+        filler = fill_pool(pool, bs)
         with pytest.raises(blocksnap.OutOfSpace):
             cow.write(3 * bs, b"\x01" * bs)
         assert cow.read(0, 16 * bs) == old
@@ -404,12 +410,7 @@ def test_full_pool_failed_shrink_changes_nothing(tmp_path):
         data = rand(4 * M, 1)
         vol.write(0, data)
         vol.snapshot("s")
-        filler = pool.create_volume("f", size=64 * M, block_size=bs)
-        off = 0
-        with pytest.raises(blocksnap.OutOfSpace):
-            while True:
-                filler.write(off, rand(bs, off))
-                off += bs
+        fill_pool(pool, bs)
         with pytest.raises(blocksnap.OutOfSpace):
             vol.resize(1 * M + 512)
         assert vol.size == 4 * M

@@ -136,8 +136,8 @@ def test_block_not_reused_while_an_unlocked_read_uses_it(tmp_path, monkeypatch):
     pool.close()
 
 
-def test_concurrent_writers_overlap_their_io(tmp_path):
-    """Aligned writes go to the data store without the pool lock. Several writers,
+def test_concurrent_writers_end_with_whole_writes(tmp_path):
+    """Whole blocks go to the data store without the pool lock. Several writers,
     some on shared blocks: every block ends as one whole write (never a mix), the
     blocks each writer owns end as its last write, flush/snapshot interleave, and
     the pool checks clean, before and after reopening."""
@@ -186,5 +186,53 @@ def test_concurrent_writers_overlap_their_io(tmp_path):
     assert pool.check()["clean"]
     pool.close()
     pool = blocksnap.Pool.open(str(tmp_path / "pool"))
+    assert pool.check()["clean"]
+    pool.close()
+
+
+def _lock_free_from_another_thread(pool) -> bool:
+    got = []
+
+    def probe() -> None:
+        if pool.lock.acquire(timeout=2):
+            got.append(True)
+            pool.lock.release()
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return bool(got)
+
+
+def test_data_io_runs_without_the_pool_lock(tmp_path, monkeypatch):
+    """While a ROW read or an aligned ROW write moves its data, another thread can
+    take the pool lock (so FUSE threads overlap their I/O); a COW write cannot."""
+    import blocksnap.engine.row as row
+
+    pool = blocksnap.Pool.create(str(tmp_path / "pool"), size=64 << 20)
+    vol = pool.create_volume("v", size=NBLOCKS * BS, block_size=BS)
+    vol.write(0, _pattern(0, 1) * 4)
+    vol.flush()
+    seen: dict[str, bool] = {}
+    real_read, real_write = row.read_stored, row.write_stored
+
+    def read_probe(*a, **k):
+        seen.setdefault("read", _lock_free_from_another_thread(pool))
+        return real_read(*a, **k)
+
+    def write_probe(*a, **k):
+        seen.setdefault("write", _lock_free_from_another_thread(pool))
+        return real_write(*a, **k)
+
+    monkeypatch.setattr(row, "read_stored", read_probe)
+    monkeypatch.setattr(row, "write_stored", write_probe)
+    assert vol.read(0, 4 * BS) == _pattern(0, 1) * 4
+    vol.write(8 * BS, _pattern(8, 2) * 2)          # new blocks: data goes out unlocked
+    assert seen == {"read": True, "write": True}
+    seen.clear()
+    vol.write(8 * BS, _pattern(8, 3))              # fresh block, overwritten in place
+    assert seen == {"write": False}
+    monkeypatch.setattr(row, "read_stored", real_read)
+    monkeypatch.setattr(row, "write_stored", real_write)
+    assert vol.read(8 * BS, 2 * BS) == _pattern(8, 3) + _pattern(8, 2)
     assert pool.check()["clean"]
     pool.close()

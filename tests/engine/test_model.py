@@ -34,21 +34,13 @@ import blocksnap
 from blocksnap.engine.layout import PAGE_ENTRIES
 
 from ..conftest import FAST_TMP
+from .workload import gen_data
 
 POOL_SIZE = 128 << 20
 DERANDOMIZE = os.environ.get("BLOCKSNAP_TEST_RANDOM") != "1"
 
 SHAPES = ["block", "blocks", "unaligned", "sector", "small", "boundary", "whole"]
 KINDS = ["random", "random", "zero", "fill"]
-
-
-def gen_data(kind: str, seed: int, n: int) -> bytes:
-    if kind == "zero":
-        return bytes(n)
-    r = random.Random(seed)
-    if kind == "fill":
-        return bytes([r.randrange(1, 256)]) * n
-    return r.randbytes(n)
 
 
 def pick_range(size: int, bs: int, shape: str, r1: int, r2: int) -> tuple[int, int]:

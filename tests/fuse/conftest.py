@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,31 +17,14 @@ import pytest
 
 import blocksnap
 from blocksnap.service import loopdev
-from tests.conftest import run_cli
+from tests.conftest import mark_root_dir, root_skip_reason, run_cli
 
 NEEDS = ["losetup", "mount", "umount", "fusermount3", "mkfs.ext4", "e2fsck"]
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mounts)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    missing = [c for c in NEEDS if shutil.which(c) is None]
-    if missing:
-        return f"needs {', '.join(missing)}"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = root_skip_reason(NEEDS, "loop devices, mounts")
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "tests/fuse" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.root)
-            if _REASON:
-                item.add_marker(pytest.mark.skip(reason=_REASON))
+    mark_root_dir(items, "fuse", _REASON)
 
 
 def cleanup_under(base: Path) -> None:

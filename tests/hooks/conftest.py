@@ -10,10 +10,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import assert_cli_error
 
 FITHAW = 0xC0045878
 IS_ROOT = os.geteuid() == 0
@@ -50,14 +53,8 @@ def run_freeze(*args: str, env: dict | None = None, timeout: float = 60) -> subp
 
 
 def assert_one_error_line(res: subprocess.CompletedProcess, *needles: str) -> str:
-    assert "Traceback" not in res.stdout + res.stderr, res.stderr
-    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got: {res.stderr!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    return lines[0]
+    """The CLI's error contract with exit code 1 (tests/conftest.py)."""
+    return assert_cli_error(res, 1, *needles)
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +246,21 @@ def my_conn(mariadb_server):
             c.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+class Sql(threading.Thread):
+    """One statement on its own connection, in a thread; records when it finished."""
+
+    def __init__(self, conn, sql: str):
+        super().__init__(daemon=True)
+        self.conn, self.sql = conn, sql
+        self.done_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(self.sql)
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+        self.done_at = time.monotonic()

@@ -148,6 +148,13 @@ def test_deadline_thread_thaws_a_hanging_action(fs):
     assert rec["hooks"][0]["status"] == "timeout"
 
 
+def plant_stale_record(runtime_dir, ident: str, pid: int, fs, dev: int) -> None:
+    """frozen.json as a blocksnap killed while `fs` was frozen would have left it."""
+    (runtime_dir / "frozen.json").write_text(json.dumps({"version": 1, "entries": [
+        {"id": ident, "pid": pid, "start_time": 1, "deadline": time.time() + 30,
+         "mounts": [{"path": str(fs), "dev": dev}]}]}))
+
+
 def test_stale_record_is_rethawed(fs, runtime_dir):
     """A dead blocksnap left a frozen fs and its frozen.json entry: recovery thaws it."""
     dead = subprocess.Popen(["true"])
@@ -156,9 +163,7 @@ def test_stale_record_is_rethawed(fs, runtime_dir):
     try:
         fcntl.ioctl(fd, FIFREEZE, 0)
         runtime_dir.mkdir(exist_ok=True)
-        (runtime_dir / "frozen.json").write_text(json.dumps({"version": 1, "entries": [
-            {"id": "x", "pid": dead.pid, "start_time": 1, "deadline": time.time() + 30,
-             "mounts": [{"path": str(fs), "dev": os.fstat(fd).st_dev}]}]}))
+        plant_stale_record(runtime_dir, "x", dead.pid, fs, os.fstat(fd).st_dev)
         w = start_writer(fs / "stale")
         assert blocked(w, 0.3)
         res = recover_stale_freezes()
@@ -318,9 +323,7 @@ def test_cli_startup_rethaws_stale_freeze(fs, runtime_dir):
     try:
         fcntl.ioctl(fd, FIFREEZE, 0)
         runtime_dir.mkdir(exist_ok=True)
-        (runtime_dir / "frozen.json").write_text(json.dumps({"version": 1, "entries": [
-            {"id": "z", "pid": dead.pid, "start_time": 1, "deadline": time.time() + 30,
-             "mounts": [{"path": str(fs), "dev": os.fstat(fd).st_dev}]}]}))
+        plant_stale_record(runtime_dir, "z", dead.pid, fs, os.fstat(fd).st_dev)
     finally:
         os.close(fd)
     res = run_freeze("--", "true", env={"BLOCKSNAP_RUNTIME_DIR": str(runtime_dir)})

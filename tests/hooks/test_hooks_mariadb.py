@@ -2,34 +2,20 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 
 from blocksnap.hooks import FreezePlan, HookError, run_frozen
 
-from .conftest import assert_one_error_line, assert_thawed, blocked, needs_root, run_freeze, start_writer, wait_done
+from .conftest import Sql, assert_one_error_line, assert_thawed, blocked, needs_root, run_freeze, start_writer, wait_done
 
 pytestmark = [needs_root, pytest.mark.slow]
 
 
-class Insert(threading.Thread):
-    """INSERT ... (autocommit) on its own connection, in a thread; records when it finished."""
-
-    def __init__(self, conn, sql="INSERT INTO app.t (v) VALUES (1)"):
-        super().__init__(daemon=True)
-        self.conn, self.sql = conn, sql
-        self.done_at: float | None = None
-        self.error: BaseException | None = None
-
-    def run(self):
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(self.sql)
-        except BaseException as e:  # noqa: BLE001
-            self.error = e
-        self.done_at = time.monotonic()
+def Insert(conn, sql="INSERT INTO app.t (v) VALUES (1)") -> Sql:  # noqa: N802
+    """INSERT ... (autocommit) on its own connection, in a thread (see Sql)."""
+    return Sql(conn, sql)
 
 
 def writable(my_conn, within: float = 2.0) -> bool:

@@ -22,41 +22,24 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import mark_root_dir, root_skip_reason, run_cli
 from tests.fuse.conftest import cleanup_under
+from tests.hooks.conftest import Sql
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 FITHAW = 0xC0045878
 NEEDS = ["losetup", "mount", "umount", "fusermount3", "mkfs.ext4", "runuser"]
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mounts, FIFREEZE, servers)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    missing = [c for c in NEEDS if shutil.which(c) is None]
-    if missing:
-        return f"needs {', '.join(missing)}"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = root_skip_reason(NEEDS, "loop devices, mounts, FIFREEZE, servers")
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "tests/integration" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.root)
-            if _REASON:
-                item.add_marker(pytest.mark.skip(reason=_REASON))
+    mark_root_dir(items, "integration", _REASON)
 
 
 # ----------------------------------------------------------------- small helpers
@@ -389,24 +372,6 @@ class MariaDB:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
-
-
-class Sql(threading.Thread):
-    """One statement on its own connection, in a thread; records when it finished."""
-
-    def __init__(self, conn, sql: str):
-        super().__init__(daemon=True)
-        self.conn, self.sql = conn, sql
-        self.done_at: float | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(self.sql)
-        except BaseException as e:  # noqa: BLE001
-            self.error = e
-        self.done_at = time.monotonic()
 
 
 def mariadb_writable(db: MariaDB, sql: str = "INSERT INTO app.u (v) VALUES (1)", within: float = 3.0) -> bool:

@@ -29,8 +29,10 @@ class PagePool:
         self.next_id = 1
         self.dirty: set[int] = set()
         self.freed: set[int] = set()
-        # called with (starts, units) when a leaf page dies and drops its blocks
+        # block refcount hooks, set by the pool to its Space: a leaf page that dies
+        # drops its blocks (starts, units); a leaf page that is copied shares them
         self.on_blocks_released: Callable[[np.ndarray, int], None] = lambda s, u: None
+        self.on_blocks_shared: Callable[[np.ndarray], None] = lambda s: None
 
     # -- capacity -------------------------------------------------------
     def _grow(self, need: int) -> None:
@@ -123,9 +125,6 @@ class PagePool:
             if len(starts):
                 self.on_blocks_shared(starts)
         return new
-
-    def on_blocks_shared(self, starts: np.ndarray) -> None:  # replaced by the pool
-        raise NotImplementedError
 
     def serialize(self, pid: int) -> bytes:
         if self.kind[pid] == KIND_LEAF:

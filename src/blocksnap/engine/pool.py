@@ -21,7 +21,7 @@ from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
 from .pages import PagePool
-from .radix import Maps, Tree, levels_for
+from .radix import Maps, levels_for
 from .rebuild import rebuild_refcounts
 from .space import Space
 

@@ -93,9 +93,10 @@ class RowVolume(VolumeBase):
             if head:
                 self._merge_write(b0, b0 + 1, head, 0, data[:bs - head])
             middle = data[(first - b0) * bs - head:(last - b0) * bs - head]
-            plan = self._plan_unlocked(first, middle, last - first)
+            old, _ = self.pool.maps.get_range(self.tree, first, last)
+            plan = self._plan_unlocked(old, middle, last - first)
             if plan is None:
-                self._store_blocks(first, middle, last - first)
+                self._store_blocks(first, middle, last - first, old)
             if tail:
                 self._merge_write(last, b1, 0, tail, data[(last - b0) * bs - head:])
             if plan is None:
@@ -118,7 +119,7 @@ class RowVolume(VolumeBase):
         buf[head:head + len(data)] = data
         self._store_blocks(b0, buf, n)
 
-    def _plan_unlocked(self, b0: int, buf, n: int) -> tuple | None:
+    def _plan_unlocked(self, old: np.ndarray, buf, n: int) -> tuple | None:
         """Under the lock: allocate new blocks for a write whose data can then go out
         without the lock, so concurrent writers overlap their I/O.
 
@@ -126,7 +127,6 @@ class RowVolume(VolumeBase):
         two unlocked writers must never write into the same unit.
         """
         pool = self.pool
-        old, _ = pool.maps.get_range(self.tree, b0, b0 + n)
         stored = old >= 2
         if stored.any() and pool.space.is_fresh(old[stored]).any():
             return None
@@ -167,10 +167,14 @@ class RowVolume(VolumeBase):
                 pool.space.decref(dropped, self.units)
             pool.mark_dirty(self.name)
 
-    def _store_blocks(self, b0: int, buf, n: int) -> None:
-        """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused."""
+    def _store_blocks(self, b0: int, buf, n: int, old: np.ndarray | None = None) -> None:
+        """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused.
+
+        `old`: the current entries of those blocks, when the caller has them already.
+        """
         pool, bs = self.pool, self.block_size
-        old, _ = pool.maps.get_range(self.tree, b0, b0 + n)
+        if old is None:
+            old, _ = pool.maps.get_range(self.tree, b0, b0 + n)
         nz = nonzero_blocks(buf, n, bs)
         stored = old >= 2
         inplace = np.zeros(n, bool)

@@ -10,8 +10,6 @@ import os
 import stat
 from typing import Callable, Iterator
 
-import numpy as np
-
 from ..errors import AlreadyExists, InvalidArgument
 from ..store import FileStore, device_size
 from .blockio import mask_runs, nonzero_blocks
@@ -45,7 +43,6 @@ def import_image(pool, name: str, source: str, block_size: int, progress: Progre
     try:
         extents = [(0, size)] if src.is_device else list(_data_extents(src.fd, size))
         bs = block_size
-        done = 0
         for start, length in extents:
             a = start - start % bs
             end = min(size, -(-(start + length) // bs) * bs)
@@ -59,7 +56,6 @@ def import_image(pool, name: str, source: str, block_size: int, progress: Progre
                     lo = off + s * bs
                     hi = min(off + (s + c) * bs, size)
                     vol.write(lo, memoryview(data)[lo - off:hi - off])
-                done += n
                 if progress:
                     progress(min(off + n, size), size)
         vol.flush()
@@ -132,5 +128,3 @@ def export_snapshot(snap, output: str, progress: Progress = None, force: bool = 
         progress(snap.size, snap.size)
     return {"size": snap.size, "written": written}
 
-
-__all__ = ["import_image", "export_snapshot", "np"]
