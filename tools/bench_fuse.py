@@ -72,9 +72,9 @@ def loop(path: str, dio: bool) -> Iterator[str]:
         sh("losetup", "-d", dev, check=False)
 
 
-def make_source(work: str, size: int) -> str:
-    """Random data (zeros would be holes for blocksnap and qcow2 alike), kept in cache."""
-    src = os.path.join(work, "random.src")
+def make_source(srcdir: str, size: int) -> str:
+    """Random data (zeros would be holes for blocksnap and qcow2 alike), kept in memory."""
+    src = os.path.join(srcdir, "random.src")
     with open(src, "wb") as f:
         for _ in range(size // BS):
             f.write(os.urandom(BS))
@@ -173,10 +173,10 @@ LABELS = {"raw": "raw loop on image file (ceiling)", "qsd": "qemu-storage-daemon
 def run_target(name: str, work: str, src: str, size: int, dio: bool) -> dict[str, float]:
     sub = os.path.join(work, name)
     os.makedirs(sub)
-    try:
-        return _run_target(name, sub, src, size, dio)
-    finally:
-        shutil.rmtree(sub, ignore_errors=True)
+    # every target starts from the same page-cache state; work files stay until the
+    # end, because deleting gigabytes (online discard) would slow the next target
+    drop_caches()
+    return _run_target(name, sub, src, size, dio)
 
 
 def _run_target(name: str, sub: str, src: str, size: int, dio: bool) -> dict[str, float]:
@@ -217,8 +217,10 @@ def main() -> None:
         if t not in TARGETS:
             raise SystemExit(f"unknown target {t!r}: use {','.join(TARGETS)}")
     work = tempfile.mkdtemp(prefix="bench-fuse-", dir=args.dir or "/var/tmp")
+    # the source lives on tmpfs when there is one: drop_caches would evict it elsewhere
+    srcdir = tempfile.mkdtemp(prefix="bench-fuse-src-", dir="/dev/shm" if os.path.isdir("/dev/shm") else work)
     try:
-        src = make_source(work, size)
+        src = make_source(srcdir, size)
         runs: dict[str, list[dict[str, float]]] = {t: [] for t in names}
         for rnd in range(args.repeat):  # interleaved rounds: noise hits every target alike
             for t in names:
@@ -229,6 +231,7 @@ def main() -> None:
                           file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(srcdir, ignore_errors=True)
     results = {t: {p: statistics.median(r[p] for r in rs) for p in PHASES} for t, rs in runs.items()}
     info = {"size": size, "loop_direct_io": args.loop_direct_io, "repeat": args.repeat,
             "median": results, "runs": runs}
@@ -238,6 +241,11 @@ def main() -> None:
         print(f"\n{format_size(size)} per phase, dd bs=1M, loop direct-io={args.loop_direct_io}, "
               f"median of {args.repeat}\n")
         print(table(results))
+        print("\nspread over the rounds (min-max MB/s):\n")
+        for t, rs in runs.items():
+            print(f"- {LABELS[t]}: " + ", ".join(
+                f"{p.replace('_', ' ')} {min(r[p] for r in rs) / 1e6:.0f}-{max(r[p] for r in rs) / 1e6:.0f}"
+                for p in PHASES))
 
 
 if __name__ == "__main__":

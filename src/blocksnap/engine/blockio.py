@@ -5,6 +5,8 @@ one system call; every block read from the store is checked against its xxh3.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import xxhash
 
@@ -102,11 +104,47 @@ def write_stored(store, starts: np.ndarray, bs: int, buf: bytes | bytearray | me
         store.pwrite(mv[i0 * bs:(i0 + cnt) * bs], int(starts[a]) * UNIT)
 
 
-def aligned_slice(buf: bytearray, start: int, length: int) -> bytes | bytearray:
-    """The requested part of a block-aligned buffer, copying only when unaligned."""
-    if start == 0 and length == len(buf):
-        return buf
-    return bytes(memoryview(buf)[start:start + length])
+SCRATCH_KEEP = 8 << 20   # per-thread read buffers up to this size are kept for reuse
+_tls = threading.local()
+
+
+def scratch(nbytes: int) -> memoryview:
+    """A buffer of this thread's, reused by every read it makes (contents undefined).
+
+    A fresh megabyte per request costs page faults on every request (on a virtual
+    machine, host faults too: the dominant cost of a cold read); a reused one is
+    already mapped. Callers copy out of it before they return.
+    """
+    if nbytes > SCRATCH_KEEP:
+        return memoryview(bytearray(nbytes))
+    buf = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _tls.buf = bytearray(max(nbytes, 1 << 20))
+    return memoryview(buf)[:nbytes]
+
+
+def zero_blocks(buf: memoryview, mask: np.ndarray, bs: int) -> None:
+    """Zero the blocks of a block-aligned buffer where mask is set (holes)."""
+    if mask.any():
+        np.frombuffer(buf, np.uint8).reshape(-1, bs)[mask] = 0
+
+
+def read_target(out: memoryview | None, start: int, length: int, nbytes: int) -> memoryview:
+    """Where a block-aligned read of nbytes goes: straight into `out` when the
+    request is block-aligned, else into this thread's scratch buffer."""
+    if out is not None and start == 0 and length == nbytes:
+        return out
+    return scratch(nbytes)
+
+
+def deliver(buf: memoryview, out: memoryview | None, start: int, length: int) -> bytes | None:
+    """Hand the requested part of a block-aligned buffer over: into `out` (None
+    returned), or as new bytes."""
+    if out is None:
+        return bytes(buf[start:start + length])
+    if buf is not out:
+        out[:length] = buf[start:start + length]
+    return None
 
 
 def write_new_blocks(space, store, buf, which: np.ndarray, bs: int, units: int) -> np.ndarray:

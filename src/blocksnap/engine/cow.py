@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, NotFound
 from ..store import FileStore
-from .blockio import (aligned_slice, block_sums, mask_runs, nonzero_blocks, read_stored,
+from .blockio import (block_sums, deliver, read_target, zero_blocks, mask_runs, nonzero_blocks, read_stored,
                       write_new_blocks)
 from .catalog import SnapshotRow, VolumeRow
 from .layout import HOLE, PAGE_ENTRIES, ZERO
@@ -83,6 +83,14 @@ class CowVolume(VolumeBase):
             self._check()
             self._bounds(offset, length)
             return self.origin_store.pread(length, offset)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` from `offset` (the FUSE read path: no allocation per request)."""
+        with self.pool.lock:
+            self._check()
+            self._bounds(offset, len(out))
+            if len(out):
+                self.origin_store.preadinto(out, offset)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
@@ -182,26 +190,29 @@ class CowVolume(VolumeBase):
         return ptrs, sums
 
     def _snap_read(self, srow: SnapshotRow, offset: int, length: int,
-                   check: Callable[[], None] = lambda: None) -> bytes:
+                   check: Callable[[], None] = lambda: None, out: memoryview | None = None) -> bytes | None:
         with self.pool.lock:  # origin blocks may change: the whole read holds the lock
             check()
-            return self._snap_read_locked(srow, offset, length)
+            return self._snap_read_locked(srow, offset, length, out)
 
-    def _snap_read_locked(self, srow: SnapshotRow, offset: int, length: int) -> bytes:
+    def _snap_read_locked(self, srow: SnapshotRow, offset: int, length: int,
+                          out: memoryview | None = None) -> bytes | None:
+        """Into `out` if given (returns None), else returns new bytes."""
         self._bounds(offset, length)
         if not length:
-            return b""
+            return b"" if out is None else None
         bs = self.block_size
         b0, b1 = offset // bs, -(-(offset + length) // bs)
         ptrs, sums, in_origin = self._resolve(srow, b0, b1)
-        buf = bytearray((b1 - b0) * bs)
-        mv = memoryview(buf)
+        start = offset - b0 * bs
+        mv = read_target(out, start, length, (b1 - b0) * bs)
+        zero_blocks(mv, ~in_origin & (ptrs < 2), bs)
         if in_origin.any():
             origin = self.origin_store
             for s, c in mask_runs(in_origin):
                 origin.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
-        read_stored(self.pool.store, ptrs, sums, bs, buf, f" in snapshot {self.name}@{srow.name}", b0)
-        return aligned_slice(buf, offset - b0 * bs, length)
+        read_stored(self.pool.store, ptrs, sums, bs, mv, f" in snapshot {self.name}@{srow.name}", b0)
+        return deliver(mv, out, start, length)
 
     def _delete_snapshot(self, srow: SnapshotRow) -> None:
         """Entries the next older snapshot deferred to move down to it; the rest die."""

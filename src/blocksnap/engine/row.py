@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CorruptionError, InvalidArgument
-from .blockio import aligned_slice, block_sums, nonzero_blocks, read_stored, write_stored
+from .blockio import (block_sums, deliver, nonzero_blocks, read_stored, read_target, write_stored,
+                      zero_blocks)
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
@@ -34,29 +35,37 @@ class RowVolume(VolumeBase):
 
     # -- reading ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        def locate() -> tuple[Tree, int]:
-            self._check()
-            return self.tree, self.size
-        return self._read_tree(locate, offset, length, f" in volume {self.name}")
+        return self._read_tree(self._locate_live, offset, length, f" in volume {self.name}")
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` from `offset` (the FUSE read path: no allocation per request)."""
+        self._read_tree(self._locate_live, offset, len(out), f" in volume {self.name}", out)
+
+    def _locate_live(self) -> tuple[Tree, int]:
+        self._check()
+        return self.tree, self.size
 
     def _read_tree(self, locate: Callable[[], tuple[Tree, int]], offset: int, length: int,
-                   where: str) -> bytes | bytearray:
+                   where: str, out: memoryview | None = None) -> bytes | None:
         """Resolve the map under the pool lock, then read the data without it.
 
         Blocks a concurrent commit releases stay allocated until this read is over
         (Pool.reader_enter/exit), so what the map named is what gets read.
+        Into `out` if given (returns None), else returns new bytes.
         """
         pool, bs = self.pool, self.block_size
         with pool.lock:
             tree, size = locate()
             self._bounds(offset, length, size)
             if length == 0:
-                return b""
+                return b"" if out is None else None
             b0, b1 = offset // bs, -(-(offset + length) // bs)
             ptrs, sums = pool.maps.get_range(tree, b0, b1)
             token = pool.reader_enter()
+        start = offset - b0 * bs
         try:
-            buf = bytearray((b1 - b0) * bs)
+            buf = read_target(out, start, length, (b1 - b0) * bs)
+            zero_blocks(buf, ptrs < 2, bs)
             try:
                 read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
             except CorruptionError:
@@ -65,11 +74,11 @@ class RowVolume(VolumeBase):
                 with pool.lock:
                     tree, size = locate()
                     ptrs, sums = pool.maps.get_range(tree, b0, b1)
-                    buf = bytearray((b1 - b0) * bs)
+                    zero_blocks(buf, ptrs < 2, bs)
                     read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
         finally:
             pool.reader_exit(token)
-        return aligned_slice(buf, offset - b0 * bs, length)
+        return deliver(buf, out, start, length)
 
     # -- writing ------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -262,11 +271,11 @@ class RowVolume(VolumeBase):
         return Tree(srow.root, srow.levels, self.units)
 
     def _snap_read(self, srow: SnapshotRow, offset: int, length: int,
-                   check: Callable[[], None] = lambda: None) -> bytes:
+                   check: Callable[[], None] = lambda: None, out: memoryview | None = None) -> bytes | None:
         def locate() -> tuple[Tree, int]:
             check()
             return self._snap_tree(srow), srow.size
-        return self._read_tree(locate, offset, length, f" in snapshot {self.name}@{srow.name}")
+        return self._read_tree(locate, offset, length, f" in snapshot {self.name}@{srow.name}", out)
 
     def _snap_map(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
         """Entries of blocks [b0, b1) as a snapshot sees them (HOLE = zeros)."""

@@ -52,6 +52,10 @@ class Snapshot:
     def read(self, offset: int, length: int) -> bytes:
         return self.volume._snap_read(self.row, offset, length, self._check)
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` from `offset` (the FUSE read path: no allocation per request)."""
+        self.volume._snap_read(self.row, offset, len(out), self._check, out)
+
     def export(self, output: str, progress: Callable[[int, int], None] | None = None,
                force: bool = False) -> dict[str, int]:
         from .transfer import export_snapshot

@@ -280,6 +280,16 @@ class BlocksnapFS(mfusepy.Operations):
         return obj.read(offset, end - offset)
 
     @fuse_errors
+    def read_into(self, path: str | None, out: memoryview, offset: int, fh: int) -> int:
+        """What the kernel reads, straight into libfuse's buffer: bytes delivered."""
+        obj = self._handle(fh).obj
+        end = min(offset + len(out), obj.size)
+        if offset >= end:
+            return 0
+        obj.read_into(offset, out[:end - offset])
+        return end - offset
+
+    @fuse_errors
     def write(self, path: str | None, data: Any, offset: int, fh: int) -> int:
         h = self._handle(fh)
         if not h.writable:

@@ -3,7 +3,9 @@
 mfusepy copies every write into a bytes object (`ctypes.string_at`); at 1 MiB per
 request that copy is a visible share of the time, so writes are handed to the
 engine as a memoryview over libfuse's buffer instead (valid for the call only,
-and the engine copies it into the data store before returning).
+and the engine copies it into the data store before returning). Reads go the
+other way: the engine fills libfuse's reply buffer in place (`read_into`), so no
+request allocates a buffer of its own.
 """
 from __future__ import annotations
 
@@ -38,13 +40,8 @@ class _FUSE(mfusepy.FUSE):
                                         length, fh)
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        """Copy whatever buffer type the engine returns (bytes, bytearray, memoryview) once."""
-        ret = self.operations.read(None if path is None else path.decode(self.encoding, self.errors),
-                                   size, offset, fip.contents.fh)
-        n = len(ret)
-        if n:
-            _view(buf, n, _PyBUF_WRITE)[:] = ret
-        return n
+        return self.operations.read_into(None if path is None else path.decode(self.encoding, self.errors),
+                                         _view(buf, size, _PyBUF_WRITE), offset, fip.contents.fh)
 
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         return self.operations.write(None if path is None else path.decode(self.encoding, self.errors),
