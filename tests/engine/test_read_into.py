@@ -1,6 +1,6 @@
 """`read_into` (the FUSE read path) and reads through the reused per-thread buffer.
 
-Reads fill a buffer that is reused from request to request (the thread's scratch
+Reads fill a buffer that is reused from request to request (a pooled scratch
 buffer, or the caller's own buffer for block-aligned reads), so holes must be
 zeroed explicitly: a buffer that held data a moment ago must never leak it into
 a read of a hole. Every read here goes into a buffer full of garbage, and the

@@ -5,7 +5,9 @@ one system call; every block read from the store is checked against its xxh3.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Iterator
 
 import numpy as np
 import xxhash
@@ -104,37 +106,45 @@ def write_stored(store, starts: np.ndarray, bs: int, buf: bytes | bytearray | me
         store.pwrite(mv[i0 * bs:(i0 + cnt) * bs], int(starts[a]) * UNIT)
 
 
-SCRATCH_KEEP = 8 << 20   # per-thread read buffers up to this size are kept for reuse
-_tls = threading.local()
+SCRATCH_KEEP = 8 << 20   # read buffers up to this size are kept for reuse
+SCRATCH_COUNT = 16       # at most this many (one per concurrent reader)
+_free: list[bytearray] = []
+_free_lock = threading.Lock()
 
 
-def scratch(nbytes: int) -> memoryview:
-    """A buffer of this thread's, reused by every read it makes (contents undefined).
+@contextlib.contextmanager
+def read_buffer(out: memoryview | None, start: int, length: int, nbytes: int) -> Iterator[memoryview]:
+    """Where a block-aligned read of nbytes goes: straight into `out` when the
+    request is block-aligned, else into a reused scratch buffer (contents
+    undefined; the caller copies out of it before the block ends).
 
     A fresh megabyte per request costs page faults on every request (on a virtual
-    machine, host faults too: the dominant cost of a cold read); a reused one is
-    already mapped. Callers copy out of it before they return.
+    machine, host faults too: the dominant cost of a cold read). The buffers are
+    pooled rather than per-thread: libfuse calls in from its own threads, whose
+    Python thread state (and thread-local data) lasts one request.
     """
+    if out is not None and start == 0 and length == nbytes:
+        yield out
+        return
     if nbytes > SCRATCH_KEEP:
-        return memoryview(bytearray(nbytes))
-    buf = getattr(_tls, "buf", None)
+        yield memoryview(bytearray(nbytes))
+        return
+    with _free_lock:
+        buf = _free.pop() if _free else None
     if buf is None or len(buf) < nbytes:
-        buf = _tls.buf = bytearray(max(nbytes, 1 << 20))
-    return memoryview(buf)[:nbytes]
+        buf = bytearray(max(nbytes, 1 << 20))
+    try:
+        yield memoryview(buf)[:nbytes]
+    finally:
+        with _free_lock:
+            if len(_free) < SCRATCH_COUNT:
+                _free.append(buf)
 
 
 def zero_blocks(buf: memoryview, mask: np.ndarray, bs: int) -> None:
     """Zero the blocks of a block-aligned buffer where mask is set (holes)."""
     if mask.any():
         np.frombuffer(buf, np.uint8).reshape(-1, bs)[mask] = 0
-
-
-def read_target(out: memoryview | None, start: int, length: int, nbytes: int) -> memoryview:
-    """Where a block-aligned read of nbytes goes: straight into `out` when the
-    request is block-aligned, else into this thread's scratch buffer."""
-    if out is not None and start == 0 and length == nbytes:
-        return out
-    return scratch(nbytes)
 
 
 def deliver(buf: memoryview, out: memoryview | None, start: int, length: int) -> bytes | None:

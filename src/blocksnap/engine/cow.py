@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import InvalidArgument, NotFound
 from ..store import FileStore
-from .blockio import (block_sums, deliver, read_target, zero_blocks, mask_runs, nonzero_blocks, read_stored,
-                      write_new_blocks)
+from .blockio import (block_sums, deliver, mask_runs, nonzero_blocks, read_buffer, read_stored,
+                      write_new_blocks, zero_blocks)
 from .catalog import SnapshotRow, VolumeRow
 from .layout import HOLE, PAGE_ENTRIES, ZERO
 from .radix import Tree, levels_for
@@ -205,14 +205,14 @@ class CowVolume(VolumeBase):
         b0, b1 = offset // bs, -(-(offset + length) // bs)
         ptrs, sums, in_origin = self._resolve(srow, b0, b1)
         start = offset - b0 * bs
-        mv = read_target(out, start, length, (b1 - b0) * bs)
-        zero_blocks(mv, ~in_origin & (ptrs < 2), bs)
-        if in_origin.any():
-            origin = self.origin_store
-            for s, c in mask_runs(in_origin):
-                origin.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
-        read_stored(self.pool.store, ptrs, sums, bs, mv, f" in snapshot {self.name}@{srow.name}", b0)
-        return deliver(mv, out, start, length)
+        with read_buffer(out, start, length, (b1 - b0) * bs) as mv:
+            zero_blocks(mv, ~in_origin & (ptrs < 2), bs)
+            if in_origin.any():
+                origin = self.origin_store
+                for s, c in mask_runs(in_origin):
+                    origin.preadinto(mv[s * bs:(s + c) * bs], (b0 + s) * bs)
+            read_stored(self.pool.store, ptrs, sums, bs, mv, f" in snapshot {self.name}@{srow.name}", b0)
+            return deliver(mv, out, start, length)
 
     def _delete_snapshot(self, srow: SnapshotRow) -> None:
         """Entries the next older snapshot deferred to move down to it; the rest die."""

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CorruptionError, InvalidArgument
-from .blockio import (block_sums, deliver, nonzero_blocks, read_stored, read_target, write_stored,
+from .blockio import (block_sums, deliver, nonzero_blocks, read_buffer, read_stored, write_stored,
                       zero_blocks)
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
@@ -64,21 +64,21 @@ class RowVolume(VolumeBase):
             token = pool.reader_enter()
         start = offset - b0 * bs
         try:
-            buf = read_target(out, start, length, (b1 - b0) * bs)
-            zero_blocks(buf, ptrs < 2, bs)
-            try:
-                read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
-            except CorruptionError:
-                # a block written since the last commit is overwritten in place, so an
-                # unlocked read racing a write can tear: judge it again under the lock
-                with pool.lock:
-                    tree, size = locate()
-                    ptrs, sums = pool.maps.get_range(tree, b0, b1)
-                    zero_blocks(buf, ptrs < 2, bs)
+            with read_buffer(out, start, length, (b1 - b0) * bs) as buf:
+                zero_blocks(buf, ptrs < 2, bs)
+                try:
                     read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
+                except CorruptionError:
+                    # a block written since the last commit is overwritten in place, so an
+                    # unlocked read racing a write can tear: judge it again under the lock
+                    with pool.lock:
+                        tree, size = locate()
+                        ptrs, sums = pool.maps.get_range(tree, b0, b1)
+                        zero_blocks(buf, ptrs < 2, bs)
+                        read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
+                return deliver(buf, out, start, length)
         finally:
             pool.reader_exit(token)
-        return deliver(buf, out, start, length)
 
     # -- writing ------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
