@@ -1,4 +1,4 @@
-"""`read_into` (the FUSE read path) and reads through the reused per-thread buffer.
+"""`read_into` (the FUSE read path) and reads through the pooled scratch buffers.
 
 Reads fill a buffer that is reused from request to request (a pooled scratch
 buffer, or the caller's own buffer for block-aligned reads), so holes must be

@@ -255,11 +255,9 @@ class BlocksnapFS(mfusepy.Operations):
 
     @fuse_errors
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        obj = self._handle(fh).obj
-        end = min(offset + size, obj.size)
-        if offset >= end:
-            return b""
-        return obj.read(offset, end - offset)
+        """mfusepy's plain read (our FUSE class calls read_into instead)."""
+        buf = bytearray(size)
+        return bytes(buf[:self.read_into(path, memoryview(buf), offset, fh)])
 
     @fuse_errors
     def read_into(self, path: str | None, out: memoryview, offset: int, fh: int) -> int:
