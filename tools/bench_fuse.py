@@ -9,6 +9,7 @@ For each target, three phases on a loop device over the target's image file:
 Targets: raw (loop on a sparse image file: the ceiling), qsd (qemu-storage-daemon FUSE
 export of a qcow2), row and cow (blocksnap volumes served by `blocksnap serve`).
 Needs root. Usage: tools/bench_fuse.py [--size 512M] [--json] [--targets raw,qsd,row,cow]
+  [--baseline GITREF --targets qsd,row,row-base]  (an older commit side by side, same run)
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import tempfile
 import time
 from typing import Iterator
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(REPO, "src"))
 
 from blocksnap.units import format_size, parse_size  # noqa: E402
 
@@ -39,8 +41,20 @@ def sh(*cmd: str, check: bool = True) -> str:
     return res.stdout
 
 
-def blocksnap(pool: str, *args: str) -> str:
-    return sh(sys.executable, "-m", "blocksnap", "--pool", pool, *args)
+BASELINE_SRC: str | None = None   # src/ of a checkout to compare against (--baseline)
+
+
+def blocksnap(pool: str, *args: str, src: str | None = None) -> str:
+    """Run the CLI; with `src`, the code in that directory instead of this checkout's
+    (PYTHONPATH comes before the editable install, and the daemon inherits it)."""
+    cmd = [sys.executable, "-m", "blocksnap", "--pool", pool, *args]
+    if src is None:
+        return sh(*cmd)
+    env = dict(os.environ, PYTHONPATH=src)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
 
 
 def drop_caches() -> None:
@@ -142,22 +156,23 @@ def target_qsd(work: str, size: int, dio: bool) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def target_blocksnap(work: str, size: int, dio: bool, mode: str) -> Iterator[dict]:
+def target_blocksnap(work: str, size: int, dio: bool, mode: str, base: bool = False) -> Iterator[dict]:
+    src = BASELINE_SRC if base else None
     pool = os.path.join(work, f"pool-{mode}")
     os.environ["BLOCKSNAP_LOOP_DIRECT_IO"] = "on" if dio else "off"
-    blocksnap(pool, "pool", "init", "--size", str(size * 3))
+    blocksnap(pool, "pool", "init", "--size", str(size * 3), src=src)
     if mode == "cow":
         origin = os.path.join(work, "origin.img")
         with open(origin, "wb") as f:
             f.truncate(size)
-        blocksnap(pool, "volume", "create", "v", "--mode", "cow", "--origin", origin)
+        blocksnap(pool, "volume", "create", "v", "--mode", "cow", "--origin", origin, src=src)
     else:
-        blocksnap(pool, "volume", "create", "v", "--size", str(size))
-    dev = blocksnap(pool, "-q", "attach", "v").strip()
+        blocksnap(pool, "volume", "create", "v", "--size", str(size), src=src)
+    dev = blocksnap(pool, "-q", "attach", "v", src=src).strip()
     try:
-        yield {"dev": dev, "snapshot": lambda: blocksnap(pool, "-q", "snapshot", "create", "v@s1")}
+        yield {"dev": dev, "snapshot": lambda: blocksnap(pool, "-q", "snapshot", "create", "v@s1", src=src)}
     finally:
-        blocksnap(pool, "-q", "stop", "--force")
+        blocksnap(pool, "-q", "stop", "--force", src=src)
 
 
 TARGETS = {
@@ -165,9 +180,12 @@ TARGETS = {
     "qsd": target_qsd,
     "row": lambda w, s, d: target_blocksnap(w, s, d, "row"),
     "cow": lambda w, s, d: target_blocksnap(w, s, d, "cow"),
+    "row-base": lambda w, s, d: target_blocksnap(w, s, d, "row", base=True),
+    "cow-base": lambda w, s, d: target_blocksnap(w, s, d, "cow", base=True),
 }
 LABELS = {"raw": "raw loop on image file (ceiling)", "qsd": "qemu-storage-daemon FUSE, qcow2",
-          "row": "blocksnap ROW volume", "cow": "blocksnap COW volume"}
+          "row": "blocksnap ROW volume", "cow": "blocksnap COW volume",
+          "row-base": "blocksnap ROW volume, baseline", "cow-base": "blocksnap COW volume, baseline"}
 
 
 def run_target(name: str, work: str, src: str, size: int, dio: bool) -> dict[str, float]:
@@ -207,6 +225,8 @@ def main() -> None:
     ap.add_argument("--loop-direct-io", choices=["on", "off"], default="on")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir in /var/tmp)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
+    ap.add_argument("--baseline", metavar="GITREF",
+                    help="also run targets row-base/cow-base on the code of this commit (a git worktree)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -216,7 +236,14 @@ def main() -> None:
     for t in names:
         if t not in TARGETS:
             raise SystemExit(f"unknown target {t!r}: use {','.join(TARGETS)}")
+    if any(t.endswith("-base") for t in names) and not args.baseline:
+        raise SystemExit("targets row-base/cow-base need --baseline GITREF")
     work = tempfile.mkdtemp(prefix="bench-fuse-", dir=args.dir or "/var/tmp")
+    if args.baseline:
+        global BASELINE_SRC
+        tree = os.path.join(work, "baseline")
+        sh("git", "-C", REPO, "worktree", "add", "--detach", tree, args.baseline)
+        BASELINE_SRC = os.path.join(tree, "src")
     # the source lives on tmpfs when there is one: drop_caches would evict it elsewhere
     srcdir = tempfile.mkdtemp(prefix="bench-fuse-src-", dir="/dev/shm" if os.path.isdir("/dev/shm") else work)
     try:
@@ -230,6 +257,8 @@ def main() -> None:
                     print(f"round {rnd + 1} {t}: " + ", ".join(f"{p} {r[p] / 1e6:.0f} MB/s" for p in PHASES),
                           file=sys.stderr)
     finally:
+        if BASELINE_SRC:
+            sh("git", "-C", REPO, "worktree", "remove", "--force", os.path.dirname(BASELINE_SRC), check=False)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(srcdir, ignore_errors=True)
     results = {t: {p: statistics.median(r[p] for r in rs) for p in PHASES} for t, rs in runs.items()}

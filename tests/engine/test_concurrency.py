@@ -203,9 +203,9 @@ def _lock_free_from_another_thread(pool) -> bool:
     return bool(got)
 
 
-def test_data_io_runs_without_the_pool_lock(tmp_path, monkeypatch):
-    """While a ROW read or an aligned ROW write moves its data, another thread can
-    take the pool lock (so FUSE threads overlap their I/O); a COW write cannot."""
+def test_reads_do_their_io_without_the_pool_lock(tmp_path, monkeypatch):
+    """While a ROW read moves its data, another thread can take the pool lock (so
+    FUSE threads read in parallel and a read does not wait behind a commit)."""
     import blocksnap.engine.row as row
 
     pool = blocksnap.Pool.create(str(tmp_path / "pool"), size=64 << 20)
@@ -213,26 +213,15 @@ def test_data_io_runs_without_the_pool_lock(tmp_path, monkeypatch):
     vol.write(0, _pattern(0, 1) * 4)
     vol.flush()
     seen: dict[str, bool] = {}
-    real_read, real_write = row.read_stored, row.write_stored
+    real_read = row.read_stored
 
     def read_probe(*a, **k):
         seen.setdefault("read", _lock_free_from_another_thread(pool))
         return real_read(*a, **k)
 
-    def write_probe(*a, **k):
-        seen.setdefault("write", _lock_free_from_another_thread(pool))
-        return real_write(*a, **k)
-
     monkeypatch.setattr(row, "read_stored", read_probe)
-    monkeypatch.setattr(row, "write_stored", write_probe)
     assert vol.read(0, 4 * BS) == _pattern(0, 1) * 4
-    vol.write(8 * BS, _pattern(8, 2) * 2)          # new blocks: data goes out unlocked
-    assert seen == {"read": True, "write": True}
-    seen.clear()
-    vol.write(8 * BS, _pattern(8, 3))              # fresh block, overwritten in place
-    assert seen == {"write": False}
+    assert seen == {"read": True}
     monkeypatch.setattr(row, "read_stored", real_read)
-    monkeypatch.setattr(row, "write_stored", real_write)
-    assert vol.read(8 * BS, 2 * BS) == _pattern(8, 3) + _pattern(8, 2)
     assert pool.check()["clean"]
     pool.close()

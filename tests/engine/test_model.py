@@ -6,10 +6,10 @@ with random content, partly sparse), block sizes 4K, 16K and 64K, small volumes 
 volumes that span several map leaf pages (PAGE_ENTRIES blocks per leaf); every pool
 also holds a ROW volume of another block size, so allocations of different sizes mix.
 Operations: writes (whole blocks, several blocks, unaligned, partial, across leaf
-boundaries, all-zero data), discards, flushes, snapshots, deletes of any snapshot,
-rollbacks, clones (then written independently of their origin), deletes of clones,
-resizes of ROW volumes (grow and shrink, block-aligned or not), diffs, and close +
-reopen of the pool. `pool.check()` must be clean at random points and at the end; the
+boundaries, all-zero data, one range written as two requests cut at any byte),
+discards, flushes, snapshots, deletes of any snapshot, rollbacks, clones (then
+written independently of their origin), deletes of clones, resizes of ROW volumes
+(grow and shrink, block-aligned or not), diffs, and close + reopen of the pool. `pool.check()` must be clean at random points and at the end; the
 end also deletes everything and expects every byte of space and every map page back.
 Two more instances run in a 16 MiB pool that fills up: ENOSPC may then happen, and
 must leave each operation whole or undone (byte for byte old or new), every snapshot
@@ -216,6 +216,29 @@ class EngineMachine(RuleBasedStateMachine):
     write_more = rule(i=st.integers(0, 99), shape=st.integers(0, 999), r1=st.integers(0, 2**31),
                       r2=st.integers(0, 2**31), kind=st.integers(0, 999),
                       seed=st.integers(0, 2**32 - 1))(_write)
+
+    @rule(i=st.integers(0, 99), shape=st.integers(0, 999), r1=st.integers(0, 2**31),
+          r2=st.integers(0, 2**31), cut=st.integers(0, 2**31), backwards=st.booleans(),
+          seed=st.integers(0, 2**32 - 1))
+    def split_write(self, i, shape, r1, r2, cut, backwards, seed):
+        """One range written as two requests cut at any byte, as the loop device
+        cuts a 1 MiB write: the block holding the cut is written twice in one
+        transaction (the second half in place, from cached content)."""
+        name = self._pick(self.vols, i)
+        m = self.vols[name]
+        off, length = pick_range(len(m.data), m.bs, ["blocks", "unaligned", "boundary"][shape % 3], r1, r2)
+        if length < 2:
+            return
+        data = gen_data("random", seed, length)
+        at = 1 + cut % (length - 1)
+        halves = [(off, data[:at]), (off + at, data[at:])]
+        for o, d in (halves[::-1] if backwards else halves):
+            try:
+                self.pool.volume(name).write(o, d)
+            except blocksnap.OutOfSpace:
+                self._out_of_space(name, o, bytes(m.data[o:o + len(d)]), d)
+                return
+            m.data[o:o + len(d)] = d
 
     @precondition(lambda self: self.FULL)
     @rule(i=st.integers(0, 99), seed=st.integers(0, 2**32 - 1))

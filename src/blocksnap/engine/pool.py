@@ -21,6 +21,7 @@ from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
 from .pages import PagePool
+from .partial import PartialBlocks
 from .radix import Maps, levels_for
 from .rebuild import rebuild_refcounts
 from .space import Space
@@ -42,9 +43,7 @@ class Pool:
         self.reclaimed_on_open: dict[str, int] = {}
         self.read_only = False
         self.commit_epoch = 0
-        self.scratch = bytearray()   # merge buffer of unaligned writes (under the lock)
-        self._inflight: dict[int, tuple[np.ndarray, int]] = {}
-        self._inflight_seq = 0
+        self.partial = PartialBlocks()   # fresh blocks written in part (ROW writes)
         self._readers: dict[int, int] = {}
         self._quarantine: list[tuple[int, list[tuple[np.ndarray, int]]]] = []
 
@@ -236,6 +235,7 @@ class Pool:
             self._dirty_volumes.clear()
             self.commit_epoch += 1
             self._quarantine.append((self.commit_epoch, self.space.take_pending()))
+            self.partial.clear()
             self._release_quarantine()
 
     # -- readers outside the lock -------------------------------------------
@@ -273,18 +273,9 @@ class Pool:
         self._quarantine = keep
 
     def quarantined(self) -> list[tuple[np.ndarray, int]]:
-        """Units not free yet but referenced by no map: released while a read ran, or
-        allocated by a write whose data is still on its way (check discounts them)."""
-        return ([item for _, released in self._quarantine for item in released]
-                + list(self._inflight.values()))
-
-    def inflight_enter(self, starts: np.ndarray, units: int) -> int:
-        self._inflight_seq += 1
-        self._inflight[self._inflight_seq] = (starts, units)
-        return self._inflight_seq
-
-    def inflight_exit(self, token: int) -> None:
-        self._inflight.pop(token, None)
+        """Units not free yet but referenced by no map: released while a read ran
+        (check discounts them)."""
+        return [item for _, released in self._quarantine for item in released]
 
     def _reclaim_host_space(self) -> int:
         """Punch out parts of a sparse data file that hold no referenced unit.

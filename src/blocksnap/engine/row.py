@@ -12,11 +12,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CorruptionError, InvalidArgument
-from .blockio import (block_sums, deliver, nonzero_blocks, read_buffer, read_stored, write_stored,
-                      zero_blocks)
+from .blockio import deliver, read_buffer, read_stored, zero_blocks
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
+from .row_write import write_blocks
 from .volume_base import VolumeBase
 
 E = PAGE_ENTRIES
@@ -86,129 +86,8 @@ class RowVolume(VolumeBase):
         with self.pool.lock:
             self._check()
             self._bounds(offset, len(data))
-            if not len(data):
-                return
-            bs = self.block_size
-            b0, b1 = offset // bs, -(-(offset + len(data)) // bs)
-            head, tail = offset - b0 * bs, b1 * bs - offset - len(data)
-            # whole blocks in the middle go straight from the caller's buffer; partial
-            # blocks at either end are merged with their old content
-            first, last = b0 + (1 if head else 0), b1 - (1 if tail else 0)
-            if first >= last:
-                self._merge_write(b0, b1, head, tail, data)
-                return
-            # (allocations in volume order: head, middle, tail, so the data store keeps
-            # a sequential write sequential and later reads coalesce)
-            if head:
-                self._merge_write(b0, b0 + 1, head, 0, data[:bs - head])
-            middle = data[(first - b0) * bs - head:(last - b0) * bs - head]
-            old, _ = self.pool.maps.get_range(self.tree, first, last)
-            plan = self._plan_unlocked(old, middle, last - first)
-            if plan is None:
-                self._store_blocks(first, middle, last - first, old)
-            if tail:
-                self._merge_write(last, b1, 0, tail, data[(last - b0) * bs - head:])
-            if plan is None:
-                return
-        self._finish_unlocked(first, middle, last - first, plan)
-
-    def _merge_write(self, b0: int, b1: int, head: int, tail: int, data: memoryview) -> None:
-        """Unaligned: merge into a scratch buffer reused across writes (the pool lock
-        serialises them), reading only the partial first and last blocks."""
-        bs, n = self.block_size, b1 - b0
-        if len(self.pool.scratch) < n * bs:
-            self.pool.scratch = bytearray(n * bs)
-        buf = memoryview(self.pool.scratch)[:n * bs]
-        ptrs, sums = self.pool.maps.get_range(self.tree, b0, b1)
-        for e in sorted(({0} if head else set()) | ({n - 1} if tail else set())):
-            edge = buf[e * bs:(e + 1) * bs]
-            edge[:] = bytes(bs)
-            read_stored(self.pool.store, ptrs[e:e + 1], sums[e:e + 1], bs, edge,
-                        f" in volume {self.name}", b0 + e)
-        buf[head:head + len(data)] = data
-        self._store_blocks(b0, buf, n)
-
-    def _plan_unlocked(self, old: np.ndarray, buf, n: int) -> tuple | None:
-        """Under the lock: allocate new blocks for a write whose data can then go out
-        without the lock, so concurrent writers overlap their I/O.
-
-        Only when no block of the range would be overwritten in place (a fresh block):
-        two unlocked writers must never write into the same unit.
-        """
-        pool = self.pool
-        stored = old >= 2
-        if stored.any() and pool.space.is_fresh(old[stored]).any():
-            return None
-        which = np.flatnonzero(nonzero_blocks(buf, n, self.block_size))
-        starts = pool.space.alloc(len(which), self.units)
-        return which, starts, pool.inflight_enter(starts, self.units)
-
-    def _finish_unlocked(self, b0: int, buf, n: int, plan: tuple) -> None:
-        """Write the data (no lock), then publish it in the map (lock).
-
-        Until the map names them, the new blocks are invisible: a read sees the old
-        data, a commit does not cover them (the write has not completed), a crash
-        leaves them unreferenced (reclaimed on open). Two writes to one block that
-        overlap in time end with either one, as on a disk.
-        """
-        pool, bs = self.pool, self.block_size
-        which, starts, token = plan
-        try:
-            sums = np.zeros(n, np.uint64)
-            sums[which] = block_sums(buf, which, bs)
-            write_stored(pool.store, starts, bs, buf, which)
-        except BaseException:
-            with pool.lock:
-                pool.inflight_exit(token)
-                pool.space.release_now(starts, self.units)
-            raise
-        with pool.lock:
-            pool.inflight_exit(token)
-            if self.deleted or pool.closed or b0 + n > self.nblocks:
-                pool.space.release_now(starts, self.units)
-                self._check()
-                raise InvalidArgument(f"volume {self.name} shrank during a write past its new end")
-            entries = np.zeros(n, np.uint64)
-            entries[which] = starts
-            replaced = pool.maps.set_range(self.tree, b0, entries, sums)
-            dropped = replaced[replaced >= 2]
-            if len(dropped):
-                pool.space.decref(dropped, self.units)
-            pool.mark_dirty(self.name)
-
-    def _store_blocks(self, b0: int, buf, n: int, old: np.ndarray | None = None) -> None:
-        """Put n whole blocks at b0: zero blocks become holes, fresh blocks are reused.
-
-        `old`: the current entries of those blocks, when the caller has them already.
-        """
-        pool, bs = self.pool, self.block_size
-        if old is None:
-            old, _ = pool.maps.get_range(self.tree, b0, b0 + n)
-        nz = nonzero_blocks(buf, n, bs)
-        stored = old >= 2
-        inplace = np.zeros(n, bool)
-        if stored.any():
-            inplace[stored] = pool.space.is_fresh(old[stored])
-        inplace &= nz
-        need = nz & ~inplace
-        starts = pool.space.alloc(int(need.sum()), self.units)
-        new = np.zeros(n, np.uint64)
-        new[inplace] = old[inplace]
-        new[need] = starts
-        which = np.flatnonzero(nz)
-        sums = np.zeros(n, np.uint64)
-        if len(which):
-            sums[which] = block_sums(buf, which, bs)
-        try:
-            write_stored(pool.store, new[which], bs, buf, which)
-        except BaseException:
-            pool.space.release_now(starts, self.units)
-            raise
-        replaced = pool.maps.set_range(self.tree, b0, new, sums)
-        dropped = replaced[(replaced >= 2) & ~inplace]
-        if len(dropped):
-            pool.space.decref(dropped, self.units)
-        pool.mark_dirty(self.name)
+            if len(data):
+                write_blocks(self, offset, data)
 
     def discard(self, offset: int, length: int) -> None:
         """Unmap whole blocks (space returns after the next commit); zero partial edges."""

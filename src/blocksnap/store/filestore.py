@@ -79,13 +79,23 @@ class FileStore:
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
+    def pwrite(self, data: bytes | memoryview | bytearray, offset: int) -> None:
+        self.pwritev([data], offset)
+
+    def pwritev(self, pieces: list, offset: int) -> None:
+        """Write the buffers one after the other from `offset`, in one system call
+        when the kernel takes them all (a short write continues where it stopped)."""
+        views = [memoryview(p).cast("B") for p in pieces]
         try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
+            while views:
+                n = os.pwritev(self.fd, views, offset)
                 offset += n
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
+                views = [v for v in views if len(v)]
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"{self.path}: no space left on the device holding it") from None
