@@ -28,8 +28,8 @@ def nonzero_blocks(buf: bytes | bytearray | memoryview, n: int, bs: int) -> np.n
     """Mask of blocks holding any non-zero byte (vectorised, no Python loop)."""
     arr = np.frombuffer(buf, np.uint64, count=n * bs // 8).reshape(n, bs // 8)
     mask = arr[:, 0] != 0            # most data blocks start with a non-zero word
-    rest = np.flatnonzero(~mask)
-    if len(rest):
+    if np.count_nonzero(mask) < n:
+        rest = np.flatnonzero(~mask)
         mask[rest] = arr[rest].any(axis=1)
     return mask
 

@@ -106,7 +106,7 @@ class Maps:
         for li in range(b0 // E, (b1 - 1) // E + 1):
             lo, hi = max(b0, li * E), min(b1, (li + 1) * E)
             new = ptrs[lo - b0:hi - b0]
-            if not new.any() and not self.leaf(tree, li):
+            if not np.count_nonzero(new) and not self.leaf(tree, li):
                 continue  # clearing a range that is already all holes
             p = self.leaf_for_write(tree, li)
             s = slice(lo - li * E, hi - li * E)

@@ -49,9 +49,16 @@ class Space:
         # block size would make the wrapped scan run off the store
         start_row = min(max(-(-self.cursor // units), HEADER_UNITS // units), total_rows)
         lo, hi = start_row * units, (start_row + n) * units
-        if hi <= self.total and not self.used[lo:hi].any():
-            # the common case: free space right at the cursor (sequential writers)
-            return self._take(np.arange(start_row, start_row + n, dtype=np.uint64) * units, units)
+        if hi <= self.total and not np.count_nonzero(self.used[lo:hi]):
+            # the common case: free space right at the cursor (sequential writers);
+            # slices, not index arrays (this runs for every write request)
+            starts = np.arange(lo, hi, units, dtype=np.uint64)
+            self.used[lo:hi] = True
+            self.bref[lo:hi:units] = 1
+            self.fresh[lo:hi:units] = True
+            self._fresh_list.append(starts)
+            self.cursor = hi
+            return starts
         found: list[np.ndarray] = []
         got = 0
         row = start_row
