@@ -249,8 +249,10 @@ def main() -> None:
     try:
         src = make_source(srcdir, size)
         runs: dict[str, list[dict[str, float]]] = {t: [] for t in names}
-        for rnd in range(args.repeat):  # interleaved rounds: noise hits every target alike
-            for t in names:
+        for rnd in range(args.repeat):
+            # interleaved rounds, each starting at another target: noise, and whatever
+            # the previous target leaves behind (writeback, discards), hit them alike
+            for t in names[rnd % len(names):] + names[:rnd % len(names)]:
                 r = run_target(t, os.path.join(work, f"r{rnd}"), src, size, args.loop_direct_io == "on")
                 runs[t].append(r)
                 if not args.json:

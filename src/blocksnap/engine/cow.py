@@ -25,7 +25,8 @@ from .volume_base import VolumeBase
 
 E = PAGE_ENTRIES
 CHUNK_BLOCKS_BYTES = 8 << 20
-COPY_AHEAD = 4 << 20
+COPY_AHEAD_MAX = 4 << 20    # most a sequential writer preserves ahead of itself per commit
+COPY_CHUNK = 4 << 20        # preserved through a buffer of this size, reused
 
 
 class CowVolume(VolumeBase):
@@ -38,6 +39,7 @@ class CowVolume(VolumeBase):
         self._origin: FileStore | None = None
         self._origin_dirty = False
         self._stream_end = -1   # sequential-writer detection for copy-ahead
+        self._copy_buf = bytearray()
         self._stream_len = 0
 
     def row(self) -> VolumeRow:
@@ -109,8 +111,10 @@ class CowVolume(VolumeBase):
 
         A sequential writer would pay a commit (two fsyncs) per request; so when a
         write continues the previous one, blocks ahead of it are preserved in the
-        same commit (up to COPY_AHEAD bytes, and at most a quarter of what the stream
-        has written, which bounds the blocks copied but never overwritten).
+        same commit: up to a quarter of what the stream has written so far (which
+        bounds the blocks copied but never overwritten), at most COPY_AHEAD_MAX.
+        (64 MiB instead of 4 made no difference through FUSE: the synchronous copy
+        of every byte, not the number of commits, is what a COW overwrite waits for.)
         """
         if not self.snapshot_rows:
             return
@@ -122,23 +126,27 @@ class CowVolume(VolumeBase):
         self._stream_end = b1
         if not (ptrs == HOLE).any():
             return
-        ahead = min(COPY_AHEAD // bs, self._stream_len // 4) if sequential else 0
+        ahead = min(COPY_AHEAD_MAX, self._stream_len * bs // 4) // bs if sequential else 0
         hi = min(self.nblocks, b1 + max(ahead, 0))
         if hi > b1:
             ptrs = np.concatenate((ptrs, pool.maps.get_range(newest, b1, hi)[0]))
         need = ptrs == HOLE
         origin = self.origin_store
+        step = max(1, COPY_CHUNK // bs)
+        if len(self._copy_buf) < min(step, len(need)) * bs:
+            self._copy_buf = bytearray(min(step, len(need)) * bs)
         for start, count in mask_runs(need):
-            n = count
-            buf = bytearray(n * bs)
-            origin.preadinto(memoryview(buf), (b0 + start) * bs)
-            which = np.flatnonzero(nonzero_blocks(buf, n, bs))
-            starts = write_new_blocks(pool.space, pool.store, buf, which, bs, self.units)
-            entries = np.full(n, ZERO, np.uint64)
-            entries[which] = starts
-            sums = np.zeros(n, np.uint64)
-            sums[which] = block_sums(buf, which, bs)
-            pool.maps.set_range(newest, b0 + start, entries, sums)
+            for s0 in range(start, start + count, step):   # a reused buffer: no fresh memory
+                n = min(step, start + count - s0)
+                buf = memoryview(self._copy_buf)[:n * bs]
+                origin.preadinto(buf, (b0 + s0) * bs)
+                which = np.flatnonzero(nonzero_blocks(buf, n, bs))
+                starts = write_new_blocks(pool.space, pool.store, buf, which, bs, self.units)
+                entries = np.full(n, ZERO, np.uint64)
+                entries[which] = starts
+                sums = np.zeros(n, np.uint64)
+                sums[which] = block_sums(buf, which, bs)
+                pool.maps.set_range(newest, b0 + s0, entries, sums)
         pool.commit(sync_origins=False)
 
     def discard(self, offset: int, length: int) -> None:

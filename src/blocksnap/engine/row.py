@@ -16,7 +16,7 @@ from .blockio import deliver, read_buffer, read_stored, zero_blocks
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
-from .row_write import write_blocks
+from .row_write import whole_block_sums, write_blocks
 from .volume_base import VolumeBase
 
 E = PAGE_ENTRIES
@@ -83,11 +83,12 @@ class RowVolume(VolumeBase):
     # -- writing ------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
+        nz, sums = whole_block_sums(offset, data, self.block_size) if len(data) and offset >= 0 else (None, None)
         with self.pool.lock:
             self._check()
             self._bounds(offset, len(data))
             if len(data):
-                write_blocks(self, offset, data)
+                write_blocks(self, offset, data, nz, sums)
 
     def discard(self, offset: int, length: int) -> None:
         """Unmap whole blocks (space returns after the next commit); zero partial edges."""

@@ -22,8 +22,36 @@ if TYPE_CHECKING:
 _xxh = xxhash.xxh3_64_intdigest
 
 
-def write_blocks(vol: "RowVolume", offset: int, data: memoryview) -> None:
-    """Write `data` at `offset` (the caller holds the pool lock and checked bounds).
+def whole_block_sums(offset: int, data: memoryview, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-zero mask and checksums of the blocks a write covers (the whole ones;
+    partial ones are left True and 0 for `write_blocks`).
+
+    They depend on the data alone, so they are computed before the pool lock is
+    taken: hashing overlaps another request's locked work and I/O.
+    """
+    b0 = offset // bs
+    end = offset + len(data)
+    n = -(-end // bs) - b0
+    head = offset - b0 * bs
+    nz = np.zeros(n, bool)
+    nz[:] = True
+    sums = np.zeros(n, np.uint64)
+    m0, m1 = (1 if head else 0), (n - 1 if end % bs else n)
+    if m1 > m0:
+        middle = data[m0 * bs - head:m1 * bs - head]
+        nzm = nonzero_blocks(middle, m1 - m0, bs)
+        if np.count_nonzero(nzm) == m1 - m0:
+            sums[m0:m1] = [_xxh(middle[i:i + bs]) for i in range(0, len(middle), bs)]
+        else:
+            nz[m0:m1] = nzm
+            which = np.flatnonzero(nzm)
+            sums[m0 + which] = block_sums(middle, which, bs)
+    return nz, sums
+
+
+def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray, sums: np.ndarray) -> None:
+    """Write `data` at `offset` (the caller holds the pool lock and checked bounds;
+    `nz` and `sums` come from `whole_block_sums`).
 
     Whole blocks go straight from `data`. A partial block at either end is merged
     with its old content, unless it is fresh and its content is cached (the other
@@ -43,9 +71,6 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview) -> None:
     # (units 0 and 1 are the store header, never fresh: holes need no mask here)
     fresh = space.fresh[old.astype(np.int64)]
     any_fresh = np.count_nonzero(fresh) > 0   # (count_nonzero: a fraction of .any()'s cost)
-    nz = np.zeros(n, bool)
-    nz[:] = True
-    sums = np.zeros(n, np.uint64)
 
     # partial blocks at the ends: index -> whole-block buffer, or None when only
     # the new bytes are written in place
@@ -75,16 +100,6 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview) -> None:
             sums[e] = _xxh(buf)
 
     m0, m1 = (1 if head else 0), (n - 1 if partial_last else n)
-    middle = data[m0 * bs - head:m1 * bs - head] if m1 > m0 else data[:0]
-    if m1 > m0:
-        nzm = nonzero_blocks(middle, m1 - m0, bs)
-        if np.count_nonzero(nzm) == m1 - m0:
-            sums[m0:m1] = [_xxh(middle[i:i + bs]) for i in range(0, len(middle), bs)]
-        else:
-            nz[m0:m1] = nzm
-            which = np.flatnonzero(nzm)
-            sums[m0 + which] = block_sums(middle, which, bs)
-
     # where each block goes: fresh blocks in place, others to new space, zeros nowhere
     all_nz = np.count_nonzero(nz) == n
     need = nz & ~fresh if any_fresh else nz
