@@ -77,11 +77,16 @@ class Maps:
     def get_range(self, tree: Tree, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
         """Entries and checksums of blocks [b0, b1)."""
         n = b1 - b0
+        pp = self.pages
+        if n > 0 and b0 // E == (b1 - 1) // E:   # within one leaf (most requests): copies of slices
+            p = self.leaf(tree, b0 // E)
+            if p:
+                lo = b0 - (b0 // E) * E
+                return pp.ptr[p, lo:lo + n].copy(), pp.csum[p, lo:lo + n].copy()
         ptrs = np.zeros(n, np.uint64)
         sums = np.zeros(n, np.uint64)
         if n <= 0:
             return ptrs, sums
-        pp = self.pages
         for li in range(b0 // E, (b1 - 1) // E + 1):
             p = self.leaf(tree, li)
             if not p:

@@ -105,6 +105,9 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
     need = nz & ~fresh if any_fresh else nz
     count = n if all_nz and not any_fresh else np.count_nonzero(need)
     starts = space.alloc(count, units) if count else None
+    # the allocator hands out ascending units (a wrap-around starts lower), so an
+    # allocation that spans exactly n blocks is one run in volume order
+    in_order = count == n and int(starts[-1]) - int(starts[0]) == (n - 1) * units
     if count == n:
         dest = starts
     else:
@@ -114,7 +117,7 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
         if count:
             dest[need] = starts
     try:
-        _write_pieces(pool.store, data, head, bs, m0, m1, dest, nz, all_nz, edges)
+        _write_pieces(pool.store, data, head, bs, m0, m1, dest, nz, all_nz, edges, in_order)
     except BaseException:
         if count:
             space.release_now(starts, units)
@@ -148,17 +151,21 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
 
 
 def _write_pieces(store, data: memoryview, head: int, bs: int, m0: int, m1: int, dest: np.ndarray,
-                  nz: np.ndarray, all_nz: bool, edges: dict[int, bytearray | None]) -> None:
+                  nz: np.ndarray, all_nz: bool, edges: dict[int, bytearray | None], in_order: bool) -> None:
     """Send the non-zero blocks to `dest`, one `pwritev` per run of adjacent pieces.
 
     A piece is a range of `data` (whole blocks, and the new bytes of an edge
     written in place: adjacent ranges merge into one) or a merged edge buffer.
-    Block i starts at i * bs - head in `data`.
+    Block i starts at i * bs - head in `data`. `in_order`: the middle blocks are
+    all non-zero and sit next to each other in the store, in order.
     """
     items: list[tuple[int, int, object]] = []   # (store offset, length, [lo, hi] of data, or a buffer)
     if m0 and nz[0]:
         items.append(_edge_item(len(data), head, bs, 0, dest, edges[0]))
-    if m1 > m0:
+    if m1 > m0 and in_order:
+        # all new, from one allocation (ascending): one run when they span exactly
+        items.append((int(dest[m0]) * UNIT, (m1 - m0) * bs, [m0 * bs - head, m1 * bs - head]))
+    elif m1 > m0:
         # runs of middle blocks that are non-zero and next to each other in the store
         idx = np.arange(m0, m1) if all_nz else np.flatnonzero(nz[m0:m1]) + m0
         if len(idx):
