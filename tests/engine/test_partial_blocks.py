@@ -111,3 +111,35 @@ def test_rewriting_a_cached_block_whole_then_in_part(tmp_path, reads):
     assert vol.read(0, BS) == expect
     vol.flush()
     assert _reopened_read(tmp_path, pool, BS) == expect
+
+
+def test_a_write_refused_for_space_leaves_no_stale_cache(tmp_path, reads):
+    """The cached half is updated before the rest of the write is planned; when
+    the pool then turns out to be full, the update must not survive."""
+    pool = blocksnap.Pool.create(str(tmp_path / "pool"), size=16 << 20)
+    vol = pool.create_volume("v", size=64 << 20, block_size=BS)
+    first = os.urandom(BS + 8 * KiB)
+    vol.write(0, first)                          # block 1 holds 8 KiB: cached
+    with pytest.raises(OutOfSpace):              # its tail, then far more than the pool holds
+        vol.write(BS + 8 * KiB, os.urandom(32 << 20))
+    vol.write(BS + 40 * KiB, b"\x11" * KiB)      # would reuse a polluted cache entry
+    expect = first + bytes(32 * KiB) + b"\x11" * KiB + bytes(BS - 41 * KiB)
+    assert vol.read(0, 2 * BS) == expect
+    vol.flush()
+    assert _reopened_read(tmp_path, pool, 2 * BS) == expect
+
+
+def test_zeros_over_a_cached_block_make_a_hole(tmp_path, reads):
+    """Thin provisioning holds on the in-place path too: a cut block whose every
+    byte ends up zero takes no space."""
+    pool, vol = _vol(tmp_path)
+    vol.write(0, os.urandom(BS + 8 * KiB))          # block 1 in part: cached
+    vol.write(BS, bytes(8 * KiB))                   # its data zeroed, in place from the cache
+    assert vol.info()["allocated"] == BS            # block 0 only
+    assert reads["n"] == 0
+    assert vol.read(BS, BS) == bytes(BS)
+    vol.write(BS + 4 * KiB, b"\x05" * KiB)          # and it can be written again
+    assert vol.read(BS, BS) == bytes(4 * KiB) + b"\x05" * KiB + bytes(BS - 5 * KiB)
+    vol.flush()
+    assert pool.check()["clean"]
+    pool.close()

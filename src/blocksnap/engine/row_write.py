@@ -75,54 +75,58 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
     # partial blocks at the ends: index -> whole-block buffer, or None when only
     # the new bytes are written in place
     edges: dict[int, bytearray | None] = {}
-    partial_last = end < b1 * bs
-    for e in ([0] if head else []) + ([n - 1] if partial_last and not (head and n == 1) else []):
-        lo = head if e == 0 else 0
-        hi = end - (b0 + e) * bs if e == n - 1 else bs
-        piece = data[(b0 + e) * bs + lo - offset:(b0 + e) * bs + hi - offset]
-        buf = cache.get(int(old[e])) if any_fresh and fresh[e] else None
-        if buf is not None:
-            buf[lo:hi] = piece
-            edges[e] = None
-        else:
-            buf = cache.buffer(bs)
-            if old[e] >= 2:
-                read_stored(pool.store, old[e:e + 1], old_sums[e:e + 1], bs, buf,
-                            f" in volume {vol.name}", b0 + e)
-            else:
-                arr = np.frombuffer(buf, np.uint8)
-                arr[:lo] = 0
-                arr[hi:] = 0
-            buf[lo:hi] = piece
-            edges[e] = buf
-            nz[e] = np.count_nonzero(np.frombuffer(buf, np.uint64)) > 0
-        if nz[e]:
-            sums[e] = _xxh(buf)
-
-    m0, m1 = (1 if head else 0), (n - 1 if partial_last else n)
-    # where each block goes: fresh blocks in place, others to new space, zeros nowhere
-    all_nz = np.count_nonzero(nz) == n
-    need = nz & ~fresh if any_fresh else nz
-    count = n if all_nz and not any_fresh else np.count_nonzero(need)
-    starts = space.alloc(count, units) if count else None
-    # the allocator hands out ascending units (a wrap-around starts lower), so an
-    # allocation that spans exactly n blocks is one run in volume order
-    in_order = count == n and int(starts[-1]) - int(starts[0]) == (n - 1) * units
-    if count == n:
-        dest = starts
-    else:
-        dest = np.where(need, np.uint64(0), old) if any_fresh else np.zeros(n, np.uint64)
-        if not all_nz:
-            dest[~nz] = 0
-        if count:
-            dest[need] = starts
+    starts = None
     try:
+        partial_last = end < b1 * bs
+        for e in ([0] if head else []) + ([n - 1] if partial_last and not (head and n == 1) else []):
+            lo = head if e == 0 else 0
+            hi = end - (b0 + e) * bs if e == n - 1 else bs
+            piece = data[(b0 + e) * bs + lo - offset:(b0 + e) * bs + hi - offset]
+            buf = cache.get(int(old[e])) if any_fresh and fresh[e] else None
+            if buf is not None:
+                buf[lo:hi] = piece
+                edges[e] = None
+            else:
+                buf = cache.buffer(bs)
+                if old[e] >= 2:
+                    read_stored(pool.store, old[e:e + 1], old_sums[e:e + 1], bs, buf,
+                                f" in volume {vol.name}", b0 + e)
+                else:
+                    arr = np.frombuffer(buf, np.uint8)
+                    arr[:lo] = 0
+                    arr[hi:] = 0
+                buf[lo:hi] = piece
+                edges[e] = buf
+            # (an all-zero block becomes a hole, cached or not: zeros take no space)
+            nz[e] = np.count_nonzero(np.frombuffer(buf, np.uint64)) > 0
+            if nz[e]:
+                sums[e] = _xxh(buf)
+
+        m0, m1 = (1 if head else 0), (n - 1 if partial_last else n)
+        # where each block goes: fresh blocks in place, others to new space, zeros nowhere
+        all_nz = np.count_nonzero(nz) == n
+        need = nz & ~fresh if any_fresh else nz
+        count = n if all_nz and not any_fresh else np.count_nonzero(need)
+        starts = space.alloc(count, units) if count else None
+        # the allocator hands out ascending units (a wrap-around starts lower), so an
+        # allocation that spans exactly n blocks is one run in volume order
+        in_order = count == n and int(starts[-1]) - int(starts[0]) == (n - 1) * units
+        if count == n:
+            dest = starts
+        else:
+            dest = np.where(need, np.uint64(0), old) if any_fresh else np.zeros(n, np.uint64)
+            if not all_nz:
+                dest[~nz] = 0
+            if count:
+                dest[need] = starts
         _write_pieces(pool.store, data, head, bs, m0, m1, dest, nz, all_nz, edges, in_order)
     except BaseException:
-        if count:
+        # nothing reached the map; an edge whose cached copy was already updated
+        # no longer matches the store (and may not have reached it): forget it
+        if starts is not None:
             space.release_now(starts, units)
         for e, buf in edges.items():
-            if buf is None:   # cached content no longer matches the store
+            if buf is None:
                 cache.drop(int(old[e]))
             else:
                 cache.recycle(buf)
@@ -140,6 +144,8 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
             cache.drop(unit)
     for e, buf in edges.items():
         if buf is None:
+            if not nz[e]:   # now a hole: its unit is on its way out
+                cache.drop(int(old[e]))
             continue
         if nz[e]:
             cache.put(int(dest[e]), buf)
