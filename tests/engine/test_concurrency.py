@@ -137,10 +137,11 @@ def test_block_not_reused_while_an_unlocked_read_uses_it(tmp_path, monkeypatch):
 
 
 def test_concurrent_writers_end_with_whole_writes(tmp_path):
-    """Whole blocks go to the data store without the pool lock. Several writers,
-    some on shared blocks: every block ends as one whole write (never a mix), the
-    blocks each writer owns end as its last write, flush/snapshot interleave, and
-    the pool checks clean, before and after reopening."""
+    """Several writers (as FUSE threads), some on shared blocks, with checksums
+    computed before the pool lock is taken: every block ends as one whole write
+    (never a mix), the blocks each writer owns end as its last write,
+    flush/snapshot interleave, and the pool checks clean, before and after
+    reopening."""
     pool = blocksnap.Pool.create(str(tmp_path / "pool"), size=128 << 20)
     vol = pool.create_volume("v", size=NBLOCKS * BS, block_size=BS)
     last: dict[int, bytes] = {}

@@ -143,3 +143,37 @@ def test_zeros_over_a_cached_block_make_a_hole(tmp_path, reads):
     vol.flush()
     assert pool.check()["clean"]
     pool.close()
+
+
+def test_two_threads_writing_the_halves_concurrently(tmp_path):
+    """As the loop device does: the two halves of every MiB arrive at once, on two
+    threads, in either order, with flushes in between; every byte ends right."""
+    import threading
+
+    pool, vol = _vol(tmp_path, size=16 << 20)
+    data = os.urandom(16 << 20)
+    cut = 520 * KiB
+    go = [threading.Barrier(2) for _ in range(16)]
+    errors: list[BaseException] = []
+
+    def half(second: bool) -> None:
+        try:
+            for mib in range(16):
+                go[mib].wait()
+                lo = (mib << 20) + (cut if second else 0)
+                hi = (mib << 20) + (1 << 20 if second else cut)
+                vol.write(lo, data[lo:hi])
+                if mib % 5 == 4 and second:
+                    vol.flush()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=half, args=(s,)) for s in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert vol.read(0, len(data)) == data
+    vol.flush()
+    assert _reopened_read(tmp_path, pool, len(data)) == data
