@@ -121,9 +121,13 @@ class CowVolume(VolumeBase):
         pool, bs = self.pool, self.block_size
         newest = self.trees[self.snapshot_rows[-1].name]
         ptrs, _ = pool.maps.get_range(newest, b0, b1)
-        sequential = b0 == self._stream_end or b0 + 1 == self._stream_end
+        # part of the stream when it starts at its end, give or take a request or two:
+        # the loop device sends the two halves of a 1 MiB write at once, and they
+        # arrive in either order (an exact match made most such streams restart)
+        n = b1 - b0
+        sequential = self._stream_end - 2 * n - 1 <= b0 <= self._stream_end + n
         self._stream_len = self._stream_len + (b1 - b0) if sequential else b1 - b0
-        self._stream_end = b1
+        self._stream_end = max(self._stream_end, b1) if sequential else b1
         if not (ptrs == HOLE).any():
             return
         ahead = min(COPY_AHEAD_MAX, self._stream_len * bs // 4) // bs if sequential else 0
