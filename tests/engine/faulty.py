@@ -8,9 +8,10 @@ the test then drops the pool with `Pool.abandon()` and calls `Disk.revert(rng, m
 to decide what the disk kept of the unsynced writes:
 
 - "all": nothing unsynced survives (a drive that honours only FLUSH);
-- "random": each unsynced write independently survives whole, is lost, or is torn
-  (a random subset of its 512-byte sectors survives) — writes reach the platter out
-  of order and partially, which is what a volatile disk cache does.
+- "random": each 512-byte sector touched since the last fsync ends at any one of
+  the versions it had since (the synced one, or the one after any of the writes
+  that touched it) — writes reach the platter out of order and partially, which is
+  what a volatile disk cache does, but a sector never holds bytes it never held.
 
 The SQLite catalog is not routed through this store: SQLite's own atomicity and
 durability (WAL, synchronous=FULL) are trusted, so a cut around `Catalog.commit`
@@ -71,28 +72,38 @@ class Disk:
         self.pending.pop(path, None)
 
     def revert(self, rng: random.Random, mode: str = "all") -> dict[str, int]:
-        """Apply the power cut to the files: undo unsynced writes as `mode` says."""
+        """Apply the power cut to the files: undo unsynced writes as `mode` says.
+
+        Per 512-byte sector, not per write: the page cache sends the disk whole
+        versions of a page, and a volatile disk cache keeps or loses each sector
+        on its own, so every sector ends at one of the versions it had since the
+        last fsync ("all": the synced one; "random": any). Undoing whole writes
+        instead can make versions that never existed: an older write lost under a
+        newer kept one that covers the same sector would put its old bytes back
+        over the newer write's.
+        """
         stats = {"kept": 0, "lost": 0, "torn": 0}
         for path, entries in self.pending.items():
             fd = os.open(path, os.O_RDWR)
             try:
-                # newest first, so undoing everything restores the last synced state
-                for offset, old in reversed(entries):
-                    choice = "lost" if mode == "all" else rng.choice(["kept", "lost", "torn"])
-                    stats[choice] += 1
-                    if choice == "kept":
+                # sector -> the writes that touched it, oldest first
+                touching: dict[int, list[int]] = {}
+                for k, (offset, old) in enumerate(entries):
+                    for sec in range(offset // SECTOR, -(-(offset + len(old)) // SECTOR)):
+                        touching.setdefault(sec, []).append(k)
+                size = os.fstat(fd).st_size
+                for sec, writes in touching.items():
+                    back = len(writes) if mode == "all" else rng.randrange(len(writes) + 1)
+                    stats["kept" if back == 0 else "lost" if back == len(writes) else "torn"] += 1
+                    if not back:
                         continue
-                    if choice == "lost":
-                        os.pwrite(fd, old, offset)
-                        continue
-                    # torn: every absolute 512-byte sector of the range survives or not
-                    end = offset + len(old)
-                    s = offset
-                    while s < end:
-                        e = min(end, (s // SECTOR + 1) * SECTOR)
-                        if rng.random() < 0.5:
-                            os.pwrite(fd, old[s - offset:e - offset], s)
-                        s = e
+                    lo = sec * SECTOR
+                    version = bytearray(os.pread(fd, SECTOR, lo).ljust(SECTOR, b"\0"))
+                    for k in reversed(writes[len(writes) - back:]):   # newest first
+                        offset, old = entries[k]
+                        a, b = max(offset, lo), min(offset + len(old), lo + SECTOR)
+                        version[a - lo:b - lo] = old[a - offset:b - offset]
+                    os.pwrite(fd, version[:max(0, min(SECTOR, size - lo))], lo)
             finally:
                 os.close(fd)
         self.pending.clear()
