@@ -109,8 +109,10 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
         count = n if all_nz and not any_fresh else np.count_nonzero(need)
         starts = space.alloc(count, units) if count else None
         # the allocator hands out ascending units (a wrap-around starts lower), so an
-        # allocation that spans exactly n blocks is one run in volume order
-        in_order = count == n and int(starts[-1]) - int(starts[0]) == (n - 1) * units
+        # allocation that spans exactly `count` blocks is one run in volume order; when
+        # every whole block is among them (the edges may be in place), so are they
+        in_order = (bool(count) and int(starts[-1]) - int(starts[0]) == (count - 1) * units
+                    and np.count_nonzero(need[m0:m1]) == m1 - m0)
         if count == n:
             dest = starts
         else:
