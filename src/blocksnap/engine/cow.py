@@ -39,6 +39,7 @@ class CowVolume(VolumeBase):
         self._origin: FileStore | None = None
         self._origin_dirty = False
         self._stream_end = -1   # sequential-writer detection for copy-ahead
+        self._last_n = 0        # blocks of the previous write
         self._copy_buf = bytearray()
         self._stream_len = 0
 
@@ -122,10 +123,12 @@ class CowVolume(VolumeBase):
         newest = self.trees[self.snapshot_rows[-1].name]
         ptrs, _ = pool.maps.get_range(newest, b0, b1)
         # part of the stream when it starts at its end, give or take a request or two:
-        # the loop device sends the two halves of a 1 MiB write at once, and they
-        # arrive in either order (an exact match made most such streams restart)
-        n = b1 - b0
-        sequential = self._stream_end - 2 * n - 1 <= b0 <= self._stream_end + n
+        # the loop device cuts a 1 MiB write into two or three requests sent at once,
+        # which arrive in any order (an exact match made a quarter of them restart
+        # the stream); "a request" is the larger of this one and the previous one
+        w = max(b1 - b0, self._last_n)
+        self._last_n = b1 - b0
+        sequential = self._stream_end - 2 * w - 1 <= b0 <= self._stream_end + w
         self._stream_len = self._stream_len + (b1 - b0) if sequential else b1 - b0
         self._stream_end = max(self._stream_end, b1) if sequential else b1
         if not (ptrs == HOLE).any():
