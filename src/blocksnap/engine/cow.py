@@ -39,7 +39,7 @@ class CowVolume(VolumeBase):
         self._origin: FileStore | None = None
         self._origin_dirty = False
         self._stream_end = -1   # sequential-writer detection for copy-ahead
-        self._last_n = 0        # blocks of the previous write
+        self._big_n = 0         # blocks of the largest write lately (decays on restarts)
         self._copy_buf = bytearray()
         self._stream_len = 0
 
@@ -125,10 +125,10 @@ class CowVolume(VolumeBase):
         # part of the stream when it starts at its end, give or take a request or two:
         # the loop device cuts a 1 MiB write into two or three requests sent at once,
         # which arrive in any order (an exact match made a quarter of them restart
-        # the stream); "a request" is the larger of this one and the previous one
-        w = max(b1 - b0, self._last_n)
-        self._last_n = b1 - b0
+        # the stream); "a request" is the largest one seen lately
+        w = max(b1 - b0, self._big_n)
         sequential = self._stream_end - 2 * w - 1 <= b0 <= self._stream_end + w
+        self._big_n = w if sequential else max(b1 - b0, self._big_n // 2)
         self._stream_len = self._stream_len + (b1 - b0) if sequential else b1 - b0
         self._stream_end = max(self._stream_end, b1) if sequential else b1
         if not (ptrs == HOLE).any():
