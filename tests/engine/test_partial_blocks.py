@@ -49,6 +49,17 @@ def _reopened_read(tmp_path, pool, length):
         pool.close()
 
 
+def _write_into_cut_block_again(tmp_path, pool, vol, first: bytes) -> None:
+    """After a failed write into block 1 (8 KiB of `first` in it, cached): a new
+    write into that block must merge with what the store holds, not with a cached
+    copy the failed write had already updated."""
+    vol.write(BS + 40 * KiB, b"\x11" * KiB)
+    expect = first + bytes(32 * KiB) + b"\x11" * KiB + bytes(BS - 41 * KiB)
+    assert vol.read(0, 2 * BS) == expect
+    vol.flush()
+    assert _reopened_read(tmp_path, pool, 2 * BS) == expect
+
+
 def test_second_half_of_a_cut_write_reads_nothing(tmp_path, reads):
     pool, vol = _vol(tmp_path)
     data = os.urandom(4 << 20)
@@ -90,11 +101,7 @@ def test_a_failed_in_place_write_leaves_no_stale_cache(tmp_path, reads, monkeypa
         vol.write(BS + 8 * KiB, b"\xee" * (16 * KiB))
     monkeypatch.setattr(type(pool.store), "pwritev", real)
     assert vol.read(0, 2 * BS) == first + bytes(BS - 8 * KiB)
-    vol.write(BS + 40 * KiB, b"\x11" * KiB)   # would reuse a polluted cache entry
-    expect = first + bytes(32 * KiB) + b"\x11" * KiB + bytes(BS - 41 * KiB)
-    assert vol.read(0, 2 * BS) == expect
-    vol.flush()
-    assert _reopened_read(tmp_path, pool, 2 * BS) == expect
+    _write_into_cut_block_again(tmp_path, pool, vol, first)
 
 
 def test_rewriting_a_cached_block_whole_then_in_part(tmp_path, reads):
@@ -122,11 +129,7 @@ def test_a_write_refused_for_space_leaves_no_stale_cache(tmp_path, reads):
     vol.write(0, first)                          # block 1 holds 8 KiB: cached
     with pytest.raises(OutOfSpace):              # its tail, then far more than the pool holds
         vol.write(BS + 8 * KiB, os.urandom(32 << 20))
-    vol.write(BS + 40 * KiB, b"\x11" * KiB)      # would reuse a polluted cache entry
-    expect = first + bytes(32 * KiB) + b"\x11" * KiB + bytes(BS - 41 * KiB)
-    assert vol.read(0, 2 * BS) == expect
-    vol.flush()
-    assert _reopened_read(tmp_path, pool, 2 * BS) == expect
+    _write_into_cut_block_again(tmp_path, pool, vol, first)
 
 
 def test_zeros_over_a_cached_block_make_a_hole(tmp_path, reads):

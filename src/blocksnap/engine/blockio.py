@@ -143,7 +143,7 @@ def read_buffer(out: memoryview | None, start: int, length: int, nbytes: int) ->
 
 def zero_blocks(buf: memoryview, mask: np.ndarray, bs: int) -> None:
     """Zero the blocks of a block-aligned buffer where mask is set (holes)."""
-    if mask.any():
+    if np.count_nonzero(mask):
         np.frombuffer(buf, np.uint8).reshape(-1, bs)[mask] = 0
 
 

@@ -114,8 +114,8 @@ class CowVolume(VolumeBase):
         write continues the previous one, blocks ahead of it are preserved in the
         same commit: up to a quarter of what the stream has written so far (which
         bounds the blocks copied but never overwritten), at most COPY_AHEAD_MAX.
-        (64 MiB instead of 4 made no difference through FUSE: the synchronous copy
-        of every byte, not the number of commits, is what a COW overwrite waits for.)
+        (64 MiB instead of 4 showed no clear gain through FUSE: a COW overwrite
+        mostly waits for the synchronous copy of every byte.)
         """
         if not self.snapshot_rows:
             return

@@ -69,7 +69,7 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
     head = offset - b0 * bs
     old, old_sums = pool.maps.get_range(vol.tree, b0, b1)
     # (units 0 and 1 are the store header, never fresh: holes need no mask here)
-    fresh = space.fresh[old.astype(np.int64)]
+    fresh = space.is_fresh(old)
     any_fresh = np.count_nonzero(fresh) > 0   # (count_nonzero: a fraction of .any()'s cost)
 
     # partial blocks at the ends: index -> whole-block buffer, or None when only
