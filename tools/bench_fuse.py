@@ -8,7 +8,8 @@ For each target, three phases on a loop device over the target's image file:
 
 Targets: raw (loop on a sparse image file: the ceiling), qsd (qemu-storage-daemon FUSE
 export of a qcow2), row and cow (blocksnap volumes served by `blocksnap serve`).
-Needs root. Usage: tools/bench_fuse.py [--size 512M] [--json] [--targets raw,qsd,row,cow]
+Needs root; pauses a VM's free page reporting while it runs (tools/steady_memory.py).
+Usage: tools/bench_fuse.py [--size 512M] [--json] [--targets raw,qsd,row,cow]
   [--baseline GITREF --targets qsd,row,row-base]  (an older commit side by side, same run)
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(REPO, "src"))
 
 from blocksnap.units import format_size, parse_size  # noqa: E402
+from steady_memory import steady_memory  # noqa: E402
 
 PHASES = ("first_write", "overwrite", "cold_read")
 BS = 1 << 20
@@ -218,6 +220,19 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _rounds(args: argparse.Namespace, names: list[str], work: str, src: str, size: int,
+            runs: dict[str, list[dict[str, float]]]) -> None:
+    for rnd in range(args.repeat):
+        # interleaved rounds, each starting at another target: noise, and whatever
+        # the previous target leaves behind (writeback, discards), hit them alike
+        for t in names[rnd % len(names):] + names[:rnd % len(names)]:
+            r = run_target(t, os.path.join(work, f"r{rnd}"), src, size, args.loop_direct_io == "on")
+            runs[t].append(r)
+            if not args.json:
+                print(f"round {rnd + 1} {t}: " + ", ".join(f"{p} {r[p] / 1e6:.0f} MB/s" for p in PHASES),
+                      file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="512M", help="bytes written and read per phase (default 512M)")
@@ -227,6 +242,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     ap.add_argument("--baseline", metavar="GITREF",
                     help="also run targets row-base/cow-base on the code of this commit (a git worktree)")
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave a VM's free page reporting on (see tools/steady_memory.py)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -249,15 +266,13 @@ def main() -> None:
     try:
         src = make_source(srcdir, size)
         runs: dict[str, list[dict[str, float]]] = {t: [] for t in names}
-        for rnd in range(args.repeat):
-            # interleaved rounds, each starting at another target: noise, and whatever
-            # the previous target leaves behind (writeback, discards), hit them alike
-            for t in names[rnd % len(names):] + names[:rnd % len(names)]:
-                r = run_target(t, os.path.join(work, f"r{rnd}"), src, size, args.loop_direct_io == "on")
-                runs[t].append(r)
-                if not args.json:
-                    print(f"round {rnd + 1} {t}: " + ", ".join(f"{p} {r[p] / 1e6:.0f} MB/s" for p in PHASES),
-                          file=sys.stderr)
+        memory = contextlib.ExitStack()
+        if not args.keep_page_reporting:
+            mem_note = memory.enter_context(steady_memory(max(4 << 30, 8 * size), quiet=args.json))
+        else:
+            mem_note = "free page reporting left as it is"
+        with memory:
+            _rounds(args, names, work, src, size, runs)
     finally:
         if BASELINE_SRC:
             sh("git", "-C", REPO, "worktree", "remove", "--force", os.path.dirname(BASELINE_SRC), check=False)
@@ -265,12 +280,12 @@ def main() -> None:
         shutil.rmtree(srcdir, ignore_errors=True)
     results = {t: {p: statistics.median(r[p] for r in rs) for p in PHASES} for t, rs in runs.items()}
     info = {"size": size, "loop_direct_io": args.loop_direct_io, "repeat": args.repeat,
-            "median": results, "runs": runs}
+            "memory": mem_note, "median": results, "runs": runs}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"\n{format_size(size)} per phase, dd bs=1M, loop direct-io={args.loop_direct_io}, "
-              f"median of {args.repeat}\n")
+              f"median of {args.repeat}; {mem_note}\n")
         print(table(results))
         print("\nspread over the rounds (min-max MB/s):\n")
         for t, rs in runs.items():
