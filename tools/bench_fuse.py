@@ -268,7 +268,7 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {t: [] for t in names}
         memory = contextlib.ExitStack()
         if not args.keep_page_reporting:
-            mem_note = memory.enter_context(steady_memory(max(4 << 30, 8 * size), quiet=args.json))
+            mem_note = memory.enter_context(steady_memory(max(12 << 30, 24 * size), quiet=args.json))
         else:
             mem_note = "free page reporting left as it is"
         with memory:
