@@ -54,3 +54,14 @@ def split_snapshot_ref(ref: str) -> tuple[str, str]:
         raise InvalidArgument(f"invalid snapshot {ref!r}: expected VOLUME@NAME")
     vol, snap = ref.split("@")
     return validate_name(vol, "volume name"), validate_name(snap, "snapshot name")
+
+
+def split_snapshot_pair(a: str, b: str | None, what: str) -> tuple[str, str, str | None]:
+    """'vm1@s1', 'vm1@s2' -> ('vm1', 's1', 's2'): two snapshots of one volume (b optional)."""
+    vol, na = split_snapshot_ref(a)
+    if b is None:
+        return vol, na, None
+    vb, nb = split_snapshot_ref(b)
+    if vb != vol:
+        raise InvalidArgument(f"cannot {what} snapshots of different volumes ({vol} and {vb})")
+    return vol, na, nb

@@ -41,8 +41,8 @@ def _rethaw_stale_freezes() -> None:
 
 
 def _register() -> None:
-    from . import data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, volume_cmd
-    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, freeze_cmd, serve_cmd):
+    from . import data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, stream_cmd, volume_cmd
+    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd):
         for command in getattr(mod, "COMMANDS", []):
             cli.add_command(command)
 

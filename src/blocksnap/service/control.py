@@ -66,8 +66,15 @@ def connect(pool_path: str, timeout: float | None = None) -> socket.socket | Non
     return s
 
 
-def request(sock: socket.socket, op: str, args: dict[str, Any]) -> Any:
-    sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] | None = None) -> Any:
+    """One request, one answer. `fds` go along with it (SCM_RIGHTS): the daemon reads
+    or writes a stream on the caller's own file, never on a descriptor number it is told."""
+    payload = json.dumps({"op": op, "args": args}).encode() + b"\n"
+    if fds:
+        sent = socket.send_fds(sock, [payload], fds)
+        sock.sendall(payload[sent:])
+    else:
+        sock.sendall(payload)
     line = sock.makefile("rb").readline()
     if not line:
         raise errors.BlocksnapError("the pool's daemon closed the connection without answering "
@@ -79,9 +86,12 @@ def request(sock: socket.socket, op: str, args: dict[str, Any]) -> Any:
 
 
 def try_remote(pool_path: str, op: str, args: dict[str, Any]) -> Any:
-    """Run `op` in the pool's daemon if one serves it; NOT_RUNNING otherwise."""
+    """Run `op` in the pool's daemon if one serves it; NOT_RUNNING otherwise.
+
+    An `fd` argument is passed as a file descriptor, not as a number."""
     sock = connect(pool_path)
     if sock is None:
         return NOT_RUNNING
+    fds = [args["fd"]] if "fd" in args else None
     with sock:
-        return request(sock, op, {k: v for k, v in args.items() if k != "progress"})
+        return request(sock, op, {k: v for k, v in args.items() if k not in ("progress", "fd")}, fds)

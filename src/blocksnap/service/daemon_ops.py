@@ -35,7 +35,9 @@ class DaemonOps:
         self.d = daemon
         self.reg_lock = threading.Lock()
         self.ops_lock = threading.Lock()
+        self.receiving: set[str] = set()   # volumes a receive is writing: not to be attached
         self.handlers = {
+            "receive": self.receive,
             "daemon_status": self.daemon_status, "attach": self.attach, "detach": self.detach,
             "mount": self.mount, "umount": self.umount, "stop": self.stop,
             "snapshot_delete": self._guard_snapshot("snapshot_delete"),
@@ -96,6 +98,26 @@ class DaemonOps:
                 return OPS[op](self.d.pool, ref=ref, **kw)
         return run
 
+    def receive(self, name: str, fd: int | None = None) -> Any:
+        """A stream into a volume nobody has attached, mounted or open, kept so until done."""
+        if fd is None:
+            raise InvalidArgument("receive needs the stream's file passed with the request")
+        if self.d.read_only:
+            raise Busy("the pool is served read-only: nothing can be received into it")
+        volume = validate_name(name, "volume name")
+        with self.ops_lock, self.d.pool.lock, self.reg_lock:
+            self._check_running()
+            if volume in self.receiving:
+                raise Busy(f"volume {volume} is already being received into")
+            why = self._busy_volume(volume, snapshots_too=False) if volume in self.d.pool.volumes_by_name else None
+            if why:
+                raise Busy(f"cannot receive into {volume}: {why}; detach it first")
+            self.receiving.add(volume)
+        try:
+            return OPS["receive"](self.d.pool, name=volume, fd=fd)
+        finally:
+            self.receiving.discard(volume)
+
     # -- status --------------------------------------------------------------------
     def daemon_status(self) -> dict[str, Any]:
         with self.reg_lock:
@@ -114,6 +136,8 @@ class DaemonOps:
         with self.ops_lock:
             self._check_running()
             vol = self.d.pool.volume(volume)
+            if volume in self.receiving:
+                raise Busy(f"volume {volume} is being received into; attach it when that is over")
             if self.d.read_only and not read_only:
                 raise InvalidArgument(f"the pool is served read-only: use 'attach --read-only {volume}'")
             with self.reg_lock:

@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import BlocksnapError
 from .control import sun_path
@@ -27,8 +27,11 @@ def peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def answer(handler: Handler, line: bytes) -> dict[str, Any]:
-    """One request line -> one response object; never raises."""
+def answer(handler: Handler, line: bytes, fds: list[int] | None = None) -> dict[str, Any]:
+    """One request line -> one response object; never raises.
+
+    A descriptor passed with the request becomes its `fd` argument; a number sent
+    as `fd` in the JSON is dropped (the daemon must not write to its own files)."""
     try:
         req = json.loads(line)
         op, args = req["op"], req.get("args") or {}
@@ -36,6 +39,9 @@ def answer(handler: Handler, line: bytes) -> dict[str, Any]:
             raise ValueError("op must be a string and args an object")
     except (ValueError, KeyError, TypeError) as e:
         return {"error": f"bad request: {e}", "type": "InvalidArgument"}
+    args.pop("fd", None)
+    if fds:
+        args["fd"] = fds[0]
     try:
         return {"ok": handler(op, args)}
     except BlocksnapError as e:
@@ -48,6 +54,29 @@ def answer(handler: Handler, line: bytes) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - the daemon must survive a bug in one op
         log.exception("op %s failed", op)
         return {"error": f"internal error in the daemon: {type(e).__name__}: {e}", "type": "BlocksnapError"}
+
+
+def _requests(conn: socket.socket) -> Iterator[tuple[bytes, list[int]]]:
+    """Request lines, each with the descriptors that arrived with it."""
+    buf, fds = b"", []
+    try:
+        while True:
+            nl = buf.find(b"\n")
+            if nl >= 0:
+                line, buf = buf[:nl + 1], buf[nl + 1:]
+                got, fds = fds, []
+                yield line, got
+                continue
+            if len(buf) > MAX_LINE:
+                return
+            data, new, _, _ = socket.recv_fds(conn, 1 << 16, 4, socket.MSG_CMSG_CLOEXEC)
+            fds += new
+            if not data:
+                return
+            buf += data
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class ControlServer:
@@ -95,12 +124,12 @@ class ControlServer:
                     conn.sendall(json.dumps({"error": f"permission denied: the daemon serves uid {self.uid} only",
                                              "type": "BlocksnapError"}).encode() + b"\n")
                     return
-                f = conn.makefile("rb")
-                while True:
-                    line = f.readline(MAX_LINE)
-                    if not line:
-                        return
-                    resp = answer(self.handler, line)
+                for line, fds in _requests(conn):
+                    try:
+                        resp = answer(self.handler, line, fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
                     conn.sendall(json.dumps(resp, default=str).encode() + b"\n")
             except OSError:
                 return  # the client went away

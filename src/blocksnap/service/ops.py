@@ -5,11 +5,12 @@ data, so the same function serves a local call and a request over the socket.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from ..engine.check import scrub as _scrub
 from ..engine.pool import Pool
-from ..units import split_snapshot_ref, validate_name
+from ..units import split_snapshot_pair, split_snapshot_ref, validate_name
 
 Progress = Callable[[int, int], None] | None
 
@@ -95,13 +96,7 @@ def snapshot_clone(pool: Pool, ref: str, new_volume: str, progress: Progress = N
 
 
 def snapshot_diff(pool: Pool, a: str, b: str | None = None) -> dict:
-    va, na = split_snapshot_ref(a)
-    nb = None
-    if b is not None:
-        vb, nb = split_snapshot_ref(b)
-        if vb != va:
-            from ..errors import InvalidArgument
-            raise InvalidArgument(f"cannot diff snapshots of different volumes ({va} and {vb})")
+    va, na, nb = split_snapshot_pair(a, b, "diff")
     vol = pool.volume(va)
     extents = vol.diff(na, nb)
     return {"from": a, "to": b or va, "block_size": vol.block_size, "extents": extents,
@@ -112,6 +107,19 @@ def export(pool: Pool, ref: str, output: str, force: bool = False, progress: Pro
     res = _snap(pool, ref).export(output, progress=progress, force=force)
     res.update({"snapshot": ref, "output": output})
     return res
+
+
+def send(pool: Pool, ref: str, fd: int, base: str | None = None, progress: Progress = None) -> dict:
+    """The stream goes to `fd` (the caller's, or passed to the daemon over its socket)."""
+    from ..streams import send as _send
+    with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
+        return _send(pool, ref, out, base, progress)
+
+
+def receive(pool: Pool, name: str, fd: int, progress: Progress = None) -> dict:
+    from ..streams import receive as _receive
+    with os.fdopen(os.dup(fd), "rb", buffering=1 << 20) as src:
+        return _receive(pool, name, src, progress)
 
 
 def check(pool: Pool, repair: bool = False) -> dict:
@@ -132,4 +140,4 @@ OPS: dict[str, Callable[..., Any]] = {
     name: fn for name, fn in globals().items()
     if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == __name__
 }
-PROGRESS_OPS = {"volume_import", "snapshot_clone", "export", "scrub"}
+PROGRESS_OPS = {"volume_import", "snapshot_clone", "export", "scrub", "send", "receive"}

@@ -1,0 +1,127 @@
+"""`receive`: a stream becomes a snapshot of a volume in this pool, or nothing.
+
+A full stream makes a new ROW volume; an incremental one goes on top of the
+volume's newest snapshot, which must be the stream's base (same origin volume,
+name and creation time, recorded when that snapshot was itself received) with
+no writes since. Records are checked before they are written; the snapshot is
+created only after the end record checked out. Anything that goes wrong before
+that undoes the receive: a new volume is deleted, an existing one rolled back to
+its base, so the pool is left as it was.
+"""
+from __future__ import annotations
+
+from typing import Any, BinaryIO, Callable
+
+from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..units import validate_name
+from .format import DATA, StreamError, StreamReader
+
+Progress = Callable[[int, int], None] | None
+RECEIVED = "received"   # volume info: snapshot name -> the id it had where it was sent from
+PARTIAL = "partial_receive"   # volume info, until a full receive is done: what it was receiving
+
+
+def _header(r: StreamReader) -> dict[str, Any]:
+    h = r.header
+    try:
+        src = h["source"]
+        ok = (h["kind"] in ("full", "incremental") and isinstance(h["size"], int) and h["size"] > 0
+              and isinstance(h["block_size"], int) and isinstance(src["snapshot"], str)
+              and (h["base"] is None) == (h["kind"] == "full"))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise StreamError("damaged stream: its header lacks what a receive needs")
+    validate_name(src["snapshot"], "snapshot name")
+    return h
+
+
+def _apply(vol, r: StreamReader, total: int, progress: Progress) -> int:
+    size, done = vol.size, 0
+    for rec in r.records():
+        if rec.offset + rec.length > size:
+            raise StreamError(f"damaged stream: a record at {rec.offset}+{rec.length} is past the volume's end")
+        if rec.kind == DATA:
+            vol.write(rec.offset, rec.data)
+        elif rec.length:
+            vol.discard(rec.offset, rec.length)
+        done += rec.length
+        if progress:
+            progress(min(done, total), total)
+    vol.flush()
+    return done
+
+
+def _finish(pool, vol, h: dict[str, Any]) -> None:
+    """The snapshot, and the record of where it came from, in one commit."""
+    src = h["source"]
+    with pool.lock:
+        received = dict(vol.extra.get(RECEIVED) or {})
+        received[src["snapshot"]] = src
+        extra = {k: v for k, v in vol.extra.items() if k != PARTIAL}
+        vol.extra = dict(extra, **{RECEIVED: received})
+        pool.mark_dirty(vol.name)
+        vol.snapshot(src["snapshot"], labels=h.get("labels") or None,
+                     consistency=h.get("consistency") or "crash")
+
+
+def receive(pool, name: str, src: BinaryIO, progress: Progress = None) -> dict[str, Any]:
+    validate_name(name, "volume name")
+    r = StreamReader(src)
+    h = _header(r)
+    snap = h["source"]["snapshot"]
+    total = int(h.get("scan_bytes") or 0)
+    if h["base"] is None:
+        if name in pool.volumes_by_name:
+            if PARTIAL in pool.volume(name).extra:
+                raise AlreadyExists(f"volume {name!r} holds a receive that was interrupted: delete it "
+                                    f"(blocksnap volume delete {name}) and receive again")
+            raise AlreadyExists(f"volume {name!r} already exists (a full stream makes a new volume)")
+        vol = pool.create_volume(name, size=h["size"], mode="row", block_size=h["block_size"])
+        with pool.lock:   # durable before any data: a crash leaves a volume that says so
+            vol.extra = dict(vol.extra, **{PARTIAL: h["source"]})
+            pool.commit(volumes=[vol])
+        try:
+            written = _apply(vol, r, total, progress)
+            _finish(pool, vol, h)
+        except BaseException:
+            vol.delete(recursive=True)
+            raise
+    else:
+        vol = _incremental_target(pool, name, h)
+        base = h["base"]["snapshot"]
+        try:
+            if vol.size != h["size"]:
+                vol.resize(h["size"])
+            written = _apply(vol, r, total, progress)
+            _finish(pool, vol, h)
+        except BaseException:
+            vol.rollback(base)
+            raise
+    return {"volume": name, "snapshot": f"{name}@{snap}", "kind": h["kind"], "bytes": written,
+            "stream_bytes": r.read_bytes}
+
+
+def _incremental_target(pool, name: str, h: dict[str, Any]):
+    base, src = h["base"], h["source"]
+    want = f"{name}@{base.get('snapshot')}"
+    if name not in pool.volumes_by_name:
+        raise NotFound(f"no volume {name!r}: an incremental stream needs {want} to apply to "
+                       f"(receive the full stream of {base.get('volume')}@{base.get('snapshot')} first)")
+    vol = pool.volume(name)
+    snaps = vol.snapshots()
+    if any(s.name == src["snapshot"] for s in snaps):
+        raise AlreadyExists(f"snapshot {name}@{src['snapshot']} already exists")
+    if not snaps or snaps[-1].name != base.get("snapshot"):
+        newest = snaps[-1].name if snaps else "none"
+        raise InvalidArgument(f"the stream applies on top of {want}, but the newest snapshot of "
+                              f"{name} is {newest}")
+    if (vol.extra.get(RECEIVED) or {}).get(base["snapshot"]) != base:
+        raise InvalidArgument(f"{want} is not the snapshot this stream was made against "
+                              f"({base.get('volume')}@{base.get('snapshot')} of another pool or time)")
+    if vol.block_size != h["block_size"]:
+        raise InvalidArgument(f"block size {h['block_size']} of the stream differs from {name}'s")
+    if vol.diff(base["snapshot"]):
+        raise InvalidArgument(f"volume {name} was written since {want}: roll it back first "
+                              f"(blocksnap snapshot rollback {want})")
+    return vol
