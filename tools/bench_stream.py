@@ -11,8 +11,10 @@ and it is snapshotted as s2. Measured, each as the median of the rounds:
   receive incr.  blocksnap receive w (on top of s1)
 
 zstd gets the easier job: no checksums and no metadata. It also never skips the
-image's holes, so it reads (and compresses) their zeros. Ratios above 1 favour
-blocksnap. Usage: tools/bench_stream.py [--size 512M] [--repeat 3] [--json]
+image's holes, so it reads (and compresses) their zeros. Its decompression is
+followed by an fsync, because a receive makes its snapshot durable. Ratios above
+1 favour blocksnap. As root it pauses a VM's free page reporting while it runs
+(tools/steady_memory.py). Usage: tools/bench_stream.py [--size 512M] [--repeat 3] [--json]
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.join(REPO, "src"))
 
 import blocksnap  # noqa: E402
 from blocksnap.units import format_size, parse_size  # noqa: E402
+from steady_memory import steady_memory  # noqa: E402
 
 M = 1 << 20
 BS = 64 << 10
@@ -64,6 +67,16 @@ def make_source(work: str, size: int) -> str:
     return path
 
 
+def unzstd(zst: str, out: str) -> None:
+    """zstd -d, then fsync: a receive makes its snapshot durable, so the reference does too."""
+    subprocess.run(["zstd", "-q", "-d", "--sparse", zst, "-o", out], check=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def round_(work: str, src: str, r: int) -> dict[str, float]:
     d = os.path.join(work, f"r{r}")
     os.makedirs(d)
@@ -76,10 +89,11 @@ def round_(work: str, src: str, r: int) -> dict[str, float]:
         "send_full_s": timed(lambda: cli(src, "send", "v@s1", "-o", full)),
         "zstd_s": timed(lambda: subprocess.run(["zstd", "-q", "-3", "-T1", raw, "-o", zst], check=True)),
         "receive_full_s": timed(lambda: cli(dst, "receive", "w", "-i", full)),
-        "unzstd_s": timed(lambda: subprocess.run(["zstd", "-q", "-d", "--sparse", zst, "-o", back],
-                                                 check=True)),
+        "unzstd_s": timed(lambda: unzstd(zst, back)),
         "send_inc_s": timed(lambda: cli(src, "send", "v@s2", "--from", "v@s1", "-o", inc)),
         "receive_inc_s": timed(lambda: cli(dst, "receive", "w", "-i", inc)),
+        "startup_s": timed(lambda: subprocess.run([sys.executable, "-m", "blocksnap", "--help"],
+                                                  check=True, stdout=subprocess.DEVNULL)),
         "full_bytes": os.path.getsize(full), "zstd_bytes": os.path.getsize(zst),
         "inc_bytes": os.path.getsize(inc),
     }
@@ -98,27 +112,31 @@ def main() -> None:
     size = parse_size(args.size) // (4 * M) * 4 * M
     work = tempfile.mkdtemp(prefix="bench-stream-", dir="/var/tmp")
     try:
-        src = make_source(work, size)
-        runs = [round_(work, src, r) for r in range(args.repeat)]
+        with steady_memory(max(8 << 30, 12 * size), quiet=args.json) as mem_note:
+            src = make_source(work, size)
+            runs = [round_(work, src, r) for r in range(args.repeat)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     if args.json:
-        print(json.dumps({"size": size, "median": med, "runs": runs}, indent=2))
+        print(json.dumps({"size": size, "memory": mem_note, "median": med, "runs": runs}, indent=2))
         return
     mb = size / 1e6
-    print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes), median of {args.repeat}\n")
+    print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes), median of {args.repeat}; "
+          f"{mem_note}\n")
     print("| what | blocksnap | zstd -3 -T1 (raw image) | zstd time / blocksnap time |")
     print("|---|---|---|---|")
     print(f"| full send | {med['send_full_s']:.2f} s ({mb / med['send_full_s']:.0f} MB/s of volume) | "
           f"{med['zstd_s']:.2f} s | **{med['zstd_s'] / med['send_full_s']:.2f}** |")
-    print(f"| full receive | {med['receive_full_s']:.2f} s | {med['unzstd_s']:.2f} s (zstd -d) | "
+    print(f"| full receive | {med['receive_full_s']:.2f} s | {med['unzstd_s']:.2f} s (zstd -d, fsync) | "
           f"**{med['unzstd_s'] / med['receive_full_s']:.2f}** |")
     print(f"| full stream size | {format_size(med['full_bytes'])} | {format_size(med['zstd_bytes'])} | "
           f"size ratio zstd / blocksnap {med['zstd_bytes'] / med['full_bytes']:.2f} |")
     print(f"| incremental send (1/10 of blocks changed) | {med['send_inc_s']:.2f} s, "
           f"{format_size(med['inc_bytes'])} | | {med['inc_bytes'] / med['full_bytes']:.2f} of the full stream |")
     print(f"| incremental receive | {med['receive_inc_s']:.2f} s | | |")
+    print(f"\nEach blocksnap figure includes starting the command: {med['startup_s']:.2f} s "
+          "for `python -m blocksnap --help`.")
 
 
 if __name__ == "__main__":

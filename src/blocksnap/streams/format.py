@@ -70,7 +70,8 @@ class StreamWriter:
 
     def data(self, offset: int, data: bytes | memoryview) -> None:
         payload = self._zstd.compress(data)
-        self._emit(_REC.pack(DATA, offset, len(data), len(payload), xxhash.xxh3_64_intdigest(data)) + payload)
+        self._emit(_REC.pack(DATA, offset, len(data), len(payload), xxhash.xxh3_64_intdigest(data)))
+        self._emit(payload)
         self.records += 1
         self.data_bytes += len(data)
 

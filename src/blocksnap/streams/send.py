@@ -62,12 +62,16 @@ def send(pool, ref: str, out: BinaryIO, base_ref: str | None = None, progress: P
     bs = vol.block_size
     step = max(bs, CHUNK // bs * bs)
     done = 0
+    buf = bytearray(step)   # one buffer for every chunk: fresh memory is slow to touch on a VM
+    view = memoryview(buf)
     for off, length in extents:
         for at in range(off, off + length, step):
             n = min(step, off + length - at)
-            data = snap.read(at, n)
-            padded = data + bytes((-n) % bs)
-            nz = nonzero_blocks(padded, len(padded) // bs, bs)
+            snap.read_into(at, view[:n])
+            data = view[:n]
+            whole = -(-n // bs) * bs
+            view[n:whole] = bytes(whole - n)   # the snapshot's last block may be cut short
+            nz = nonzero_blocks(view[:whole], whole // bs, bs)
             if base is not None:   # zero runs must be zeroed on the other side
                 for s, c in mask_runs(~nz):
                     w.zero(at + s * bs, min(c * bs, n - s * bs))
