@@ -1,6 +1,6 @@
 #!/bin/bash
 # The blocksnap demo: a pool in ./demo/pool; an ext4 image imported, snapshotted,
-# changed, diffed and exported; a live volume attached as a loop device through
+# changed, diffed, exported and sent to a second pool; a live volume attached as a loop device through
 # FUSE, snapshotted with its filesystem frozen, a file pulled back from the
 # snapshot mounted read-only; rollback, scrub, check. Run as root on Debian:
 #     bash tools/demo.sh
@@ -44,6 +44,19 @@ run blocksnap export vm1@before-upgrade "$DEMO/before.img"
 run ls -ls "$DEMO/before.img"
 run e2fsck -fn "$DEMO/before.img"
 run cmp "$DEMO/before.img" "$DEMO/disk.img" && echo "export is identical to the imported image"
+
+step "copy both snapshots to a second pool: a full stream through a pipe, then an incremental one"
+OFF=$DEMO/offsite
+run blocksnap --pool "$OFF" pool init --size 1G
+printf '$ blocksnap send vm1@before-upgrade | blocksnap --pool %s receive vm1\n' "$OFF"
+blocksnap send vm1@before-upgrade | blocksnap --pool "$OFF" receive vm1
+run blocksnap send vm1@after-upgrade --from vm1@before-upgrade -o "$DEMO/vm1-incremental.bs"
+run ls -l "$DEMO/vm1-incremental.bs"
+run blocksnap --pool "$OFF" receive vm1 -i "$DEMO/vm1-incremental.bs"
+run blocksnap --pool "$OFF" snapshot list
+run blocksnap --pool "$OFF" export vm1@after-upgrade "$DEMO/offsite-after.img"
+run blocksnap export vm1@after-upgrade "$DEMO/after.img"
+run cmp "$DEMO/offsite-after.img" "$DEMO/after.img" && echo "the copy in the second pool is identical"
 
 step "a live volume as a block device: attach (FUSE + loop), make a filesystem, write files"
 MNT=$DEMO/mnt-live; RESTORE=$DEMO/mnt-restore; mkdir -p "$MNT" "$RESTORE"
