@@ -198,6 +198,66 @@ def test_incremental_needs_its_base(src, dst, tmp_path):
     assert_cli_error(run_cli(dst, "receive", "z", "-i", tmp_path / "inc12"), 1, "not the snapshot this stream")
 
 
+def test_base_deleted_and_made_again_is_not_the_base(src, dst, tmp_path):
+    ok(src, "send", "v@s1", "-o", tmp_path / "full")
+    ok(src, "send", "v@s2", "--from", "v@s1", "-o", tmp_path / "inc")
+    ok(dst, "receive", "w", "-i", tmp_path / "full")
+    with blocksnap.Pool.open(str(dst)) as pool:
+        w = pool.volume("w")
+        w.write(0, b"X" * 65536)
+        w.get_snapshot("s1").delete()
+        w.snapshot("s1")          # same name, other content
+    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc"), 1, "not the snapshot this stream")
+
+
+def _record_stream(header: dict, records: list[tuple[int, int, int, bytes, int]]) -> bytes:
+    """A stream made by hand: (kind, offset, length, payload, checksum) per record."""
+    import struct
+
+    import xxhash
+
+    from blocksnap.streams import format as fmt
+    body = json.dumps(header).encode()
+    out = fmt.MAGIC + struct.pack("<II", fmt.VERSION, len(body)) + body + struct.pack(
+        "<Q", xxhash.xxh3_64_intdigest(body))
+    for kind, off, length, payload, check in records:
+        out += struct.pack("<BQQIQ", kind, off, length, len(payload), check) + payload
+    data = sum(r[2] for r in records if r[0] == fmt.DATA)
+    return out + struct.pack("<BQQIQ", fmt.END, len(records), data, 0, xxhash.xxh3_64_intdigest(out))
+
+
+def test_hostile_streams(dst):
+    import xxhash
+    import zstandard
+    head = {"kind": "full", "source": {"volume": "v", "snapshot": "s", "created": 1.0}, "base": None,
+            "size": 8 * M, "block_size": 65536, "labels": {}, "consistency": "crash"}
+    # a record of 4 KiB whose payload unpacks to 64 MiB: refused before unpacking it
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 * M))
+    res = run_cli(dst, "receive", "x", input=_record_stream(head, [(1, 0, 4096, bomb, 0)]))
+    assert_cli_error(res, 1, "does not decompress")
+    # header values the snapshot could not take are refused before any data
+    good = [(1, 0, 4096, zstandard.ZstdCompressor().compress(b"a" * 4096), xxhash.xxh3_64_intdigest(b"a" * 4096))]
+    for bad in ({"consistency": "crash-plus"}, {"labels": {"k": 1}}, {"labels": ["x"]}, {"base": "s0"},
+                {"source": {"volume": "v"}}, {"size": -1}, {"block_size": "64K"}):
+        res = run_cli(dst, "receive", "x", input=_record_stream(dict(head, **bad), good))
+        assert_cli_error(res, 1, "damaged stream")
+    ok(dst, "receive", "x", input=_record_stream(head, good))   # the same stream, well formed
+    assert contents(dst, "x")["s"][:4097] == b"a" * 4096 + b"\0"
+
+
+def test_closed_standard_streams_and_broken_pipes(src, tmp_path):
+    blocksnap_cmd = f"{sys.executable} -m blocksnap --pool {src}"
+    for cmd in (f"{blocksnap_cmd} send v@s1 >&-", f"{blocksnap_cmd} receive w <&-"):
+        res = subprocess.run(["bash", "-c", cmd], stderr=subprocess.PIPE, timeout=60)
+        assert res.returncode == 1 and res.stderr.decode().startswith("error: no standard"), res.stderr
+    sender = subprocess.Popen([sys.executable, "-m", "blocksnap", "--pool", str(src), "send", "v@s1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sender.stdout.read(100)
+    sender.stdout.close()     # like `| head -c 100`
+    err = sender.stderr.read().decode()
+    assert sender.wait(60) == 1 and err.startswith("error: ") and "broken pipe" in err and err.count("\n") == 1
+
+
 def test_send_refusals_leave_no_file(src, tmp_path):
     out = tmp_path / "s"
     assert_cli_error(run_cli(src, "send", "v@s1", "--from", "v@s2", "-o", out), 1, "must be older")
@@ -273,6 +333,52 @@ def test_daemon_takes_only_passed_descriptors():
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, FUSE)")
+def test_daemon_receive_is_guarded_and_dies_with_its_client(src, dst, tmp_path):
+    """While a receive runs in the daemon nothing else changes its volume; when its
+    client is killed, the daemon notices and undoes the receive."""
+    ok(src, "send", "v@s1", "-o", tmp_path / "full")
+    ok(src, "send", "v@s3", "--from", "v@s1", "-o", tmp_path / "inc")
+    ok(dst, "receive", "w", "-i", tmp_path / "full")
+    ok(dst, "volume", "create", "dummy", "--size", "1M")
+    ok(dst, "attach", "dummy")                              # the pool is served from here on
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "blocksnap", "--pool", str(dst), "receive", "w", "-i", fifo],
+                            stderr=subprocess.PIPE)
+    writer = open(fifo, "wb")
+    try:
+        inc = (tmp_path / "inc").read_bytes()
+        writer.write(inc[:len(inc) // 2])                   # then the stream stalls
+        writer.flush()
+        deadline = time.monotonic() + 30
+        while "being received" not in run_cli(dst, "snapshot", "rollback", "w@s1").stderr:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        for args in (["snapshot", "create", "w@x"], ["snapshot", "delete", "w@s1"], ["volume", "resize", "w", "64M"],
+                     ["volume", "delete", "w", "--recursive"], ["attach", "w"], ["stop"]):
+            assert_cli_error(run_cli(dst, *args), 1, "receiv")
+        mnt = json.loads(ok(dst, "pool", "status", "--json").stdout).get("daemon", {}).get("mountpoint") \
+            or str(dst / "mnt")
+        with pytest.raises(OSError) as e:
+            open(os.path.join(mnt, "w", "volume.img"), "r+b")
+        assert e.value.errno == 16                           # EBUSY
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while "being received" in run_cli(dst, "snapshot", "create", "w@probe").stderr:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        writer.close()
+        ok(dst, "stop", "--force")
+    with blocksnap.Pool.open(str(dst)) as pool:
+        w = pool.volume("w")
+        assert [s.name for s in w.snapshots()] == ["s1", "probe"]
+        assert w.read(0, w.size) == w.get_snapshot("s1").read(0, w.size), "the receive was not undone"
+        assert pool.check()["clean"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, FUSE)")

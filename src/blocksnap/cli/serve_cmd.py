@@ -79,10 +79,10 @@ def detach(settings: Settings, target: str) -> None:
 
 
 @click.command("stop")
-@click.option("--force", is_flag=True, help="Unmount and detach everything first.")
+@click.option("--force", is_flag=True, help="Unmount and detach everything first; interrupt a receive.")
 @pass_settings
 def stop(settings: Settings, force: bool) -> None:
-    """Stop the pool's daemon (refused while devices are attached, unless --force)."""
+    """Stop the pool's daemon (refused while devices are attached or a receive runs, unless --force)."""
     res = _remote(settings, "stop", force=force)
     if not daemon_spawn.wait_stopped(res["stopping"]):
         raise BlocksnapError(f"the daemon (pid {res['stopping']}) is still shutting down")

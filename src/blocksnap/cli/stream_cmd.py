@@ -1,6 +1,7 @@
 """`blocksnap send|receive`: snapshots as streams, to a file or a pipe."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,11 +18,17 @@ from .progress import progress_bar
 def _open(path: str | None, write: bool) -> int:
     """The stream's descriptor: the file named, else stdout/stdin (never a terminal)."""
     if path is None or path == "-":
-        fd = sys.stdout.fileno() if write else sys.stdin.fileno()
+        std = sys.stdout if write else sys.stdin
+        try:
+            fd = os.dup(std.fileno())
+        except (AttributeError, ValueError, OSError):   # closed (`>&-`, `<&-`)
+            raise InvalidArgument(f"no standard {'output' if write else 'input'}: use "
+                                  f"{'-o FILE' if write else '-i FILE'}") from None
         if os.isatty(fd):
+            os.close(fd)
             raise InvalidArgument(f"refusing to {'write a stream to' if write else 'read a stream from'} "
                                   f"a terminal: use {'-o FILE' if write else '-i FILE'} or a pipe")
-        return os.dup(fd)
+        return fd
     try:
         if write:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -48,7 +55,8 @@ def send(settings: Settings, ref: str, base: str | None, output: str | None, as_
             res = call(settings.pool, "send", progress=prog, ref=ref, fd=fd, base=base)
     except BaseException:
         if output not in (None, "-"):
-            os.unlink(output)   # a stream cut short is no stream: leave nothing behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(output)   # a stream cut short is no stream: leave nothing behind
         raise
     finally:
         os.close(fd)

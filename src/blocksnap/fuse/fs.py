@@ -93,6 +93,7 @@ class BlocksnapFS(mfusepy.Operations):
         self.dirs: dict[int, str] = {}
         self._ids = itertools.count(1)
         self.open_count: Counter[tuple[str, str | None]] = Counter()
+        self.write_blocked: set[str] = set()   # live images nobody may open to write
         self.mtime: dict[str, int] = {}
         self.started = time.time_ns()
         self.initialized = threading.Event()
@@ -230,6 +231,8 @@ class BlocksnapFS(mfusepy.Operations):
                 raise FuseOSError(errno.EISDIR)
             if writing and (kind == "snapimg" or self.read_only):
                 raise FuseOSError(errno.EROFS)
+            if writing and vol.name in self.write_blocked:
+                raise FuseOSError(errno.EBUSY)   # a receive is writing it
             h = Handle(vol.name, snap.name if snap is not None else None,
                        vol if snap is None else snap, writing)
             fh = next(self._ids)

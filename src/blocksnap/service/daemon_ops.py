@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger("blocksnap.daemon")
+# operations that change a volume, refused while a receive writes it
+CHANGES_VOLUME = {"attach", "volume_delete", "volume_resize", "snapshot_create", "snapshot_set_metadata",
+                  "snapshot_delete", "snapshot_rollback"}
 
 
 class DaemonOps:
@@ -48,12 +51,26 @@ class DaemonOps:
 
     # -- dispatch ----------------------------------------------------------------
     def __call__(self, op: str, args: dict[str, Any]) -> Any:
+        self._refuse_during_receive(op, args)
         if op in self.handlers:
             return self.handlers[op](**args)
         fn = OPS.get(op)
         if fn is None:
             raise InvalidArgument(f"unknown operation {op!r}")
         return fn(self.d.pool, **args)
+
+    def _refuse_during_receive(self, op: str, args: dict[str, Any]) -> None:
+        """Nothing changes a volume a receive is writing (reads, send, export go on)."""
+        if not self.receiving:
+            return
+        if op == "check" and args.get("repair"):
+            raise Busy("a receive is running: repair the pool when it is over")
+        if op not in CHANGES_VOLUME:
+            return
+        target = args.get("ref") or args.get("name") or args.get("volume") or ""
+        volume = str(target).split("@")[0]
+        if volume in self.receiving:
+            raise Busy(f"volume {volume} is being received into; try again when that is over")
 
     @property
     def devices(self) -> list[Device]:
@@ -98,7 +115,7 @@ class DaemonOps:
                 return OPS[op](self.d.pool, ref=ref, **kw)
         return run
 
-    def receive(self, name: str, fd: int | None = None) -> Any:
+    def receive(self, name: str, fd: int | None = None, watch_fd: int | None = None) -> Any:
         """A stream into a volume nobody has attached, mounted or open, kept so until done."""
         if fd is None:
             raise InvalidArgument("receive needs the stream's file passed with the request")
@@ -113,9 +130,11 @@ class DaemonOps:
             if why:
                 raise Busy(f"cannot receive into {volume}: {why}; detach it first")
             self.receiving.add(volume)
+            self.d.fs.write_blocked.add(volume)   # nor can the FUSE image be opened to write
         try:
-            return OPS["receive"](self.d.pool, name=volume, fd=fd)
+            return OPS["receive"](self.d.pool, name=volume, fd=fd, watch_fd=watch_fd)
         finally:
+            self.d.fs.write_blocked.discard(volume)
             self.receiving.discard(volume)
 
     # -- status --------------------------------------------------------------------
@@ -136,8 +155,6 @@ class DaemonOps:
         with self.ops_lock:
             self._check_running()
             vol = self.d.pool.volume(volume)
-            if volume in self.receiving:
-                raise Busy(f"volume {volume} is being received into; attach it when that is over")
             if self.d.read_only and not read_only:
                 raise InvalidArgument(f"the pool is served read-only: use 'attach --read-only {volume}'")
             with self.reg_lock:
@@ -244,6 +261,9 @@ class DaemonOps:
         with self.ops_lock:
             with self.reg_lock:
                 devices = list(self.devices)
+            if self.receiving and not force:
+                raise Busy(f"a receive into {', '.join(sorted(self.receiving))} is running; wait for it "
+                           "or use --force (it is then left as an interrupted receive, see docs/streams.md)")
             if devices and not force:
                 desc = ", ".join(f"{d.device} ({d.volume}@{d.snapshot} on {d.mount})" if d.mount
                                  else f"{d.device} ({d.volume})" for d in devices)

@@ -27,11 +27,14 @@ def peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def answer(handler: Handler, line: bytes, fds: list[int] | None = None) -> dict[str, Any]:
+def answer(handler: Handler, line: bytes, fds: list[int] | None = None,
+           watch_fd: int | None = None) -> dict[str, Any]:
     """One request line -> one response object; never raises.
 
-    A descriptor passed with the request becomes its `fd` argument; a number sent
-    as `fd` in the JSON is dropped (the daemon must not write to its own files)."""
+    A descriptor passed with the request becomes its `fd` argument, and the
+    client's connection its `watch_fd` (the operation ends if the client goes);
+    numbers sent under those names in the JSON are dropped: the daemon must
+    never read or write its own files on a client's word."""
     try:
         req = json.loads(line)
         op, args = req["op"], req.get("args") or {}
@@ -40,8 +43,11 @@ def answer(handler: Handler, line: bytes, fds: list[int] | None = None) -> dict[
     except (ValueError, KeyError, TypeError) as e:
         return {"error": f"bad request: {e}", "type": "InvalidArgument"}
     args.pop("fd", None)
+    args.pop("watch_fd", None)
     if fds:
         args["fd"] = fds[0]
+        if watch_fd is not None:
+            args["watch_fd"] = watch_fd
     try:
         return {"ok": handler(op, args)}
     except BlocksnapError as e:
@@ -126,7 +132,7 @@ class ControlServer:
                     return
                 for line, fds in _requests(conn):
                     try:
-                        resp = answer(self.handler, line, fds)
+                        resp = answer(self.handler, line, fds, conn.fileno())
                     finally:
                         for fd in fds:
                             os.close(fd)

@@ -9,8 +9,10 @@ import os
 from typing import Any, Callable
 
 from ..engine.check import scrub as _scrub
+from ..errors import BlocksnapError
 from ..engine.pool import Pool
 from ..units import split_snapshot_pair, split_snapshot_ref, validate_name
+from .fdio import stream_file
 
 Progress = Callable[[int, int], None] | None
 
@@ -109,16 +111,21 @@ def export(pool: Pool, ref: str, output: str, force: bool = False, progress: Pro
     return res
 
 
-def send(pool: Pool, ref: str, fd: int, base: str | None = None, progress: Progress = None) -> dict:
-    """The stream goes to `fd` (the caller's, or passed to the daemon over its socket)."""
+def send(pool: Pool, ref: str, fd: int, base: str | None = None, progress: Progress = None,
+         watch_fd: int | None = None) -> dict:
+    """The stream goes to `fd`: the caller's own, or one a client passed to the daemon
+    (then `watch_fd` is the client's connection, and the send ends if it closes)."""
     from ..streams import send as _send
-    with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
-        return _send(pool, ref, out, base, progress)
+    try:
+        with stream_file(fd, "wb", watch_fd) as out:
+            return _send(pool, ref, out, base, progress)
+    except BrokenPipeError:
+        raise BlocksnapError("the stream's reader closed it before the end (broken pipe)") from None
 
 
-def receive(pool: Pool, name: str, fd: int, progress: Progress = None) -> dict:
+def receive(pool: Pool, name: str, fd: int, progress: Progress = None, watch_fd: int | None = None) -> dict:
     from ..streams import receive as _receive
-    with os.fdopen(os.dup(fd), "rb", buffering=1 << 20) as src:
+    with stream_file(fd, "rb", watch_fd) as src:
         return _receive(pool, name, src, progress)
 
 

@@ -147,6 +147,10 @@ class StreamReader:
                 raise StreamError(f"damaged stream: record {count + 1} is not a valid record")
             payload = self._read(plen, f"record {count + 1}")
             try:
+                # the frame's own size must be the record's, or a small payload could
+                # claim gigabytes (decompress trusts a frame's declared size)
+                if zstandard.frame_content_size(payload) != length:
+                    raise zstandard.ZstdError("size mismatch")
                 data = self._zstd.decompress(payload, max_output_size=length)
             except zstandard.ZstdError:
                 raise StreamError(f"damaged stream: record {count + 1} does not decompress") from None

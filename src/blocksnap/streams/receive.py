@@ -12,28 +12,40 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO, Callable
 
+from ..engine.volume_base import CONSISTENCY
 from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..units import validate_name
 from .format import DATA, StreamError, StreamReader
 
 Progress = Callable[[int, int], None] | None
-RECEIVED = "received"   # volume info: snapshot name -> the id it had where it was sent from
+RECEIVED = "received"   # volume info: snapshot name -> {source: its id where it was sent from,
+                        #                             created: the local snapshot's creation time}
 PARTIAL = "partial_receive"   # volume info, until a full receive is done: what it was receiving
 
 
 def _header(r: StreamReader) -> dict[str, Any]:
+    """The header, with everything the receive will use checked before any data."""
     h = r.header
     try:
-        src = h["source"]
-        ok = (h["kind"] in ("full", "incremental") and isinstance(h["size"], int) and h["size"] > 0
-              and isinstance(h["block_size"], int) and isinstance(src["snapshot"], str)
-              and (h["base"] is None) == (h["kind"] == "full"))
+        src, base, labels = h["source"], h["base"], h.get("labels") or {}
+        ok = (h["kind"] in ("full", "incremental") and type(h["size"]) is int and h["size"] > 0
+              and type(h["block_size"]) is int and _is_id(src)
+              and (base is None if h["kind"] == "full" else _is_id(base))
+              and isinstance(labels, dict) and h.get("consistency", "crash") in CONSISTENCY)
     except (KeyError, TypeError):
         ok = False
     if not ok:
         raise StreamError("damaged stream: its header lacks what a receive needs")
     validate_name(src["snapshot"], "snapshot name")
+    for k, v in labels.items():
+        if not isinstance(v, str) or not k or "=" in k:
+            raise StreamError(f"damaged stream: invalid label {k!r}={v!r} in its header")
     return h
+
+
+def _is_id(x: Any) -> bool:
+    return (isinstance(x, dict) and isinstance(x.get("volume"), str) and isinstance(x.get("snapshot"), str)
+            and isinstance(x.get("created"), (int, float)))
 
 
 def _apply(vol, r: StreamReader, total: int, progress: Progress) -> int:
@@ -53,16 +65,21 @@ def _apply(vol, r: StreamReader, total: int, progress: Progress) -> int:
 
 
 def _finish(pool, vol, h: dict[str, Any]) -> None:
-    """The snapshot, and the record of where it came from, in one commit."""
+    """The snapshot, then the record of where it came from.
+
+    The record names the local snapshot too (its creation time): a snapshot
+    deleted and made again under the same name is not the one received.
+    """
     src = h["source"]
     with pool.lock:
-        received = dict(vol.extra.get(RECEIVED) or {})
-        received[src["snapshot"]] = src
+        snap = vol.snapshot(src["snapshot"], labels=h.get("labels") or None,
+                            consistency=h.get("consistency") or "crash")
+        names = {s.name for s in vol.snapshots()}
+        received = {k: v for k, v in (vol.extra.get(RECEIVED) or {}).items() if k in names}
+        received[snap.name] = {"source": src, "created": snap.created}
         extra = {k: v for k, v in vol.extra.items() if k != PARTIAL}
         vol.extra = dict(extra, **{RECEIVED: received})
-        pool.mark_dirty(vol.name)
-        vol.snapshot(src["snapshot"], labels=h.get("labels") or None,
-                     consistency=h.get("consistency") or "crash")
+        pool.commit(volumes=[vol])
 
 
 def receive(pool, name: str, src: BinaryIO, progress: Progress = None) -> dict[str, Any]:
@@ -116,7 +133,8 @@ def _incremental_target(pool, name: str, h: dict[str, Any]):
         newest = snaps[-1].name if snaps else "none"
         raise InvalidArgument(f"the stream applies on top of {want}, but the newest snapshot of "
                               f"{name} is {newest}")
-    if (vol.extra.get(RECEIVED) or {}).get(base["snapshot"]) != base:
+    got = (vol.extra.get(RECEIVED) or {}).get(base["snapshot"]) or {}
+    if got.get("source") != base or got.get("created") != snaps[-1].created:
         raise InvalidArgument(f"{want} is not the snapshot this stream was made against "
                               f"({base.get('volume')}@{base.get('snapshot')} of another pool or time)")
     if vol.block_size != h["block_size"]:
