@@ -83,8 +83,14 @@ def detach(settings: Settings, target: str) -> None:
 @pass_settings
 def stop(settings: Settings, force: bool) -> None:
     """Stop the pool's daemon (refused while devices are attached or a receive runs, unless --force)."""
+    if force and try_remote(settings.pool, "daemon_status", {}) is NOT_RUNNING:
+        # a daemon killed with -9 leaves its mounts and devices: take them down
+        done = daemon_spawn.cleanup_dead(settings.pool)
+        _note(settings, "no daemon was running; " + (f"cleaned up {', '.join(done)}" if done else "nothing to clean up"))
+        return
     res = _remote(settings, "stop", force=force)
-    if not daemon_spawn.wait_stopped(res["stopping"]):
+    # a forced stop unmounts and detaches every device first, a few seconds each when busy
+    if not daemon_spawn.wait_stopped(res["stopping"], timeout=300.0 if force else 60.0):
         raise BlocksnapError(f"the daemon (pid {res['stopping']}) is still shutting down")
     _note(settings, f"stopped daemon (pid {res['stopping']})")
 

@@ -217,6 +217,7 @@ class DaemonOps:
             self.d.pool.volume(volume).get_snapshot(snap)
             if not os.path.isdir(directory):
                 raise NotFound(f"{directory}: no such directory")
+            self._check_mount_target(directory)
             if loopdev.mount_at(directory) is not None:
                 raise Busy(f"{directory}: something is already mounted there")
             path = os.path.join(self.d.mountpoint, volume, "snapshots", snap + ".img")
@@ -238,6 +239,18 @@ class DaemonOps:
             self._save()
             log.info("mounted %s (%s) on %s via %s", ref, dev.fstype, directory, device)
             return vars(dev).copy()
+
+    def _check_mount_target(self, directory: str) -> None:
+        """Not over the pool (it would hide the socket and the catalog), nor inside
+        the daemon's own FUSE tree (it would hide the images loop devices need)."""
+        real = os.path.realpath(directory)
+        for what, path, hides in (("the pool", self.d.pool_path, True),
+                                  ("the pool's FUSE tree", self.d.mountpoint, False)):
+            root = os.path.realpath(path)
+            inner, outer = (root, real) if hides else (real, root)
+            if inner == outer or inner.startswith(outer.rstrip("/") + "/"):
+                raise InvalidArgument(f"cannot mount on {directory}: it would "
+                                      f"{'hide' if hides else 'sit inside'} {what} ({root})")
 
     def umount(self, directory: str) -> dict[str, Any]:
         target = os.path.realpath(directory)

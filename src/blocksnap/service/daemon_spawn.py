@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import BlocksnapError, Busy
 from .control import NOT_RUNNING, try_remote
 from .daemon import READY_TIMEOUT, SPAWNED_ENV
+from . import daemon_state
 from .daemon_state import log_path, pid_alive
 
 DEFAULT_MOUNT_DIR = "mnt"
@@ -67,7 +68,7 @@ def start(pool_path: str, mountpoint: str, *, read_only: bool = False, allow_oth
     while time.monotonic() < deadline:
         if child.poll() is not None:
             msg = _child_error(logf, offset) or f"exit status {child.returncode}"
-            if "in use by another process" in msg:
+            if "in use by another process" in msg or "already served" in msg:
                 other = wait_ready(pool_path, 10.0)  # lost a race with another starter?
                 if other is not None:
                     return other
@@ -99,6 +100,14 @@ def ensure(pool_path: str) -> tuple[dict[str, Any], bool]:
             st = wait_ready(pool_path, READY_TIMEOUT) or st
         return st, False
     return start(pool_path, default_mountpoint(pool_path)), True
+
+
+def cleanup_dead(pool_path: str) -> list[str]:
+    """What a daemon killed without shutting down left behind (its FUSE mount, loop
+    devices, snapshot mounts), taken down while holding the pool: none can be serving."""
+    from ..engine.pool import Pool
+    with Pool.open(pool_path):
+        return daemon_state.cleanup_stale(pool_path, default_mountpoint(pool_path))
 
 
 def wait_stopped(pid: int, timeout: float = 60.0) -> bool:

@@ -6,6 +6,7 @@ attached and mounted, so stale devices are found even if no record survived.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -33,8 +34,12 @@ def _run(cmd: list[str], timeout: float = 60) -> str:
     except subprocess.TimeoutExpired:
         raise CommandFailed(f"{' '.join(cmd)}: timed out after {timeout:.0f} s") from None
     if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip().splitlines()
-        raise CommandFailed(f"{cmd[0]}: {msg[-1] if msg else f'exit status {res.returncode}'}")
+        # the tool's own first error line (the last is often a hint like "dmesg(1) may
+        # have more information"), without the tool's name when it gives it already
+        lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+        msg = next((ln for ln in lines if "dmesg(1)" not in ln), lines[-1] if lines else "")
+        msg = msg or f"exit status {res.returncode}"
+        raise CommandFailed(msg if msg.startswith(f"{cmd[0]}:") else f"{cmd[0]}: {msg}")
     return res.stdout
 
 
@@ -172,7 +177,8 @@ def mount_ro(device: str, directory: str) -> str:
     try:
         _run(cmd + [device, directory])
     except CommandFailed as e:
-        raise InvalidArgument(f"cannot mount {device} ({kind or 'unknown filesystem'}): {e}") from None
+        what = kind or "blkid finds no filesystem on it"
+        raise InvalidArgument(f"cannot mount {device} ({what}): {e}") from None
     return kind or "unknown"
 
 
@@ -196,3 +202,39 @@ def check_free(device: str) -> None:
     held = holders(device)
     if held:
         raise Busy(f"{device} is in use by {', '.join(held)}: remove those first")
+    for _ in range(10):   # udev and blkid open a device for a moment after changes
+        users = openers(device)
+        if not users:
+            break
+        time.sleep(0.1)
+    if users:
+        raise Busy(f"{device} is open in {', '.join(users)}: close it first")
+    if claimed(device):
+        raise Busy(f"{device} is in use (mounted in another mount namespace?): unmount it first")
+
+
+def openers(device: str) -> list[str]:
+    """Processes other than this one holding the device open ('pid N (name)')."""
+    real = os.path.realpath(device)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == real for fd in fds):
+                with open(f"/proc/{pid}/comm") as f:
+                    found.append(f"pid {pid} ({f.read().strip()})")
+        except OSError:
+            continue   # gone, or not ours to look at
+    return found
+
+
+def claimed(device: str) -> bool:
+    """Held exclusively (a mount anywhere, even in a namespace we cannot see)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    os.close(fd)
+    return False

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Iterator
 
 from ..engine.pool import Pool
+from ..errors import Busy
 from .control import NOT_RUNNING, try_remote
 from .ops import OPS, PROGRESS_OPS
 
 Progress = Callable[[int, int], None] | None
+LOCK_WAIT = 10.0   # seconds a command waits for a pool another command holds
 
 
 class Session:
@@ -20,13 +23,30 @@ class Session:
 
     def call(self, op: str, progress: Progress = None, **kwargs: Any) -> Any:
         if self.pool is None:
-            result = try_remote(self.pool_path, op, kwargs)
+            result = self._remote_or_open(op, kwargs)
             if result is not NOT_RUNNING:
                 return result
-            self.pool = Pool.open(self.pool_path)
         if op in PROGRESS_OPS:
             kwargs["progress"] = progress
         return OPS[op](self.pool, **kwargs)
+
+    def _remote_or_open(self, op: str, kwargs: dict[str, Any]) -> Any:
+        """The daemon's answer, or NOT_RUNNING with the pool opened here.
+
+        Another command may hold the pool for a moment, or be starting its daemon:
+        both are waited for (up to LOCK_WAIT) instead of failing at once.
+        """
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            result = try_remote(self.pool_path, op, kwargs)
+            if result is not NOT_RUNNING:
+                return result
+            try:
+                self.pool = Pool.open(self.pool_path, wait=0.25)
+                return NOT_RUNNING
+            except Busy:
+                if time.monotonic() >= deadline:
+                    raise
 
     def close(self) -> None:
         if self.pool is not None:
@@ -38,8 +58,8 @@ class Session:
 def session(pool_path: str, preopen: bool = False) -> Iterator[Session]:
     s = Session(pool_path)
     try:
-        if preopen and try_remote(pool_path, "pool_status", {}) is NOT_RUNNING:
-            s.pool = Pool.open(pool_path)
+        if preopen:
+            s._remote_or_open("pool_status", {})
         yield s
     finally:
         s.close()
