@@ -3,6 +3,7 @@ pool, devices still used when asked to detach, cleanup after kill -9 without an
 attach, and commands racing for a pool that no daemon serves yet."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -87,3 +88,21 @@ def test_commands_racing_for_an_unserved_pool_wait_their_turn(served):
     assert outs[0][1].startswith("/dev/loop") and outs[1][1].startswith("/dev/loop")
     assert time.monotonic() - t < 60
     served.cli("stop", "--force")
+
+
+def test_tree_changes_are_refused_with_eperm(served):
+    served.cli("serve", str(served.mnt))
+    img = served.mnt / "vm1" / "volume.img"
+    for what, fn in (("unlink", lambda: os.unlink(img)), ("mkdir", lambda: os.mkdir(served.mnt / "x")),
+                     ("create", lambda: open(served.mnt / "vm1" / "new.img", "w")),
+                     ("rename", lambda: os.rename(img, served.mnt / "vm1" / "other.img")),
+                     ("rmdir", lambda: os.rmdir(served.mnt / "vm1" / "snapshots"))):
+        try:
+            fn()
+        except OSError as e:
+            assert e.errno == errno.EPERM, (what, e)
+        else:
+            raise AssertionError(f"{what} was allowed")
+    with open(img, "r+b") as f:      # the image itself still opens read-write
+        f.write(b"x")
+    served.cli("stop")

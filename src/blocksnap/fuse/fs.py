@@ -222,6 +222,13 @@ class BlocksnapFS(mfusepy.Operations):
     def chown(self, path: str, uid: int, gid: int) -> int:
         raise FuseOSError(errno.EPERM)
 
+    def _fixed_tree(self, *args: Any) -> int:
+        """The tree mirrors the pool: files come and go with volumes and snapshots only
+        (EPERM, not the ENOSYS a missing handler would give)."""
+        raise FuseOSError(errno.EPERM)
+
+    create = mkdir = rmdir = unlink = rename = symlink = link = mknod = _fixed_tree
+
     # -- open files ------------------------------------------------------------
     def open(self, path: str, flags: int) -> int:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY

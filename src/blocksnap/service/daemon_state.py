@@ -149,8 +149,9 @@ def cleanup_stale(pool_path: str, mountpoint: str) -> list[str]:
         if m is None or m.source != name:
             continue
         for dev in loopdev.loops_under(mp):
-            _take_down(None, dev, "stale device")
-            done.append(dev)
+            if dev not in done:   # a recorded one is down already
+                _take_down(None, dev, "stale device")
+                done.append(dev)
         log.warning("unmounting stale FUSE mount %s", mp)
         try:
             loopdev.umount_fuse(mp)
