@@ -106,3 +106,18 @@ def test_tree_changes_are_refused_with_eperm(served):
     with open(img, "r+b") as f:      # the image itself still opens read-write
         f.write(b"x")
     served.cli("stop")
+
+
+def test_progress_comes_through_the_daemon(served, tmp_path):
+    from tests.cli.test_cli import _run_with_tty_stderr
+    with open(served.pool / "x", "wb") as f:   # (just a file of random bytes to import)
+        f.write(os.urandom(24 << 20))
+    served.attach()                             # served from here on
+    code, out, tty = _run_with_tty_stderr(served.pool, "volume", "import", "img", served.pool / "x")
+    assert code == 0, (out, tty)
+    served.cli("snapshot", "create", "img@s")
+    code, out, tty = _run_with_tty_stderr(served.pool, "export", "img@s", tmp_path / "out.img")
+    assert code == 0 and out.decode().startswith("exported img@s"), (out, tty)
+    # the bar's byte counts only move when the daemon reports: 25.2 MB is the total
+    assert b"25.2/25.2 MB" in tty, tty[-400:]
+    served.cli("stop", "--force")

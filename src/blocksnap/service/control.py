@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import errors
 
@@ -66,20 +66,30 @@ def connect(pool_path: str, timeout: float | None = None) -> socket.socket | Non
     return s
 
 
-def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] | None = None) -> Any:
+def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Any:
     """One request, one answer. `fds` go along with it (SCM_RIGHTS): the daemon reads
-    or writes a stream on the caller's own file, never on a descriptor number it is told."""
+    or writes a stream on the caller's own file, never on a descriptor number it is told.
+    With `progress`, the daemon sends progress lines before the answer."""
+    if progress is not None:
+        args = dict(args, progress=True)
     payload = json.dumps({"op": op, "args": args}).encode() + b"\n"
     if fds:
         sent = socket.send_fds(sock, [payload], fds)
         sock.sendall(payload[sent:])
     else:
         sock.sendall(payload)
-    line = sock.makefile("rb").readline()
-    if not line:
-        raise errors.BlocksnapError("the pool's daemon closed the connection without answering "
-                                    "(see daemon.log in the pool)")
-    resp = json.loads(line)
+    reader = sock.makefile("rb")
+    while True:
+        line = reader.readline()
+        if not line:
+            raise errors.BlocksnapError("the pool's daemon closed the connection without answering "
+                                        "(see daemon.log in the pool)")
+        resp = json.loads(line)
+        if "progress" not in resp:
+            break
+        if progress is not None:
+            progress(*resp["progress"])
     if "ok" in resp:
         return resp["ok"]
     raise remote_error(resp)
@@ -88,10 +98,12 @@ def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] |
 def try_remote(pool_path: str, op: str, args: dict[str, Any]) -> Any:
     """Run `op` in the pool's daemon if one serves it; NOT_RUNNING otherwise.
 
-    An `fd` argument is passed as a file descriptor, not as a number."""
+    An `fd` argument is passed as a file descriptor, not as a number; a `progress`
+    callback gets the daemon's progress reports."""
     sock = connect(pool_path)
     if sock is None:
         return NOT_RUNNING
     fds = [args["fd"]] if "fd" in args else None
     with sock:
-        return request(sock, op, {k: v for k, v in args.items() if k not in ("progress", "fd")}, fds)
+        return request(sock, op, {k: v for k, v in args.items() if k not in ("progress", "fd")}, fds,
+                       args.get("progress"))

@@ -115,7 +115,8 @@ class DaemonOps:
                 return OPS[op](self.d.pool, ref=ref, **kw)
         return run
 
-    def receive(self, name: str, fd: int | None = None, watch_fd: int | None = None) -> Any:
+    def receive(self, name: str, fd: int | None = None, watch_fd: int | None = None,
+                progress: Any = None) -> Any:
         """A stream into a volume nobody has attached, mounted or open, kept so until done."""
         if fd is None:
             raise InvalidArgument("receive needs the stream's file passed with the request")
@@ -132,7 +133,7 @@ class DaemonOps:
             self.receiving.add(volume)
             self.d.fs.write_blocked.add(volume)   # nor can the FUSE image be opened to write
         try:
-            return OPS["receive"](self.d.pool, name=volume, fd=fd, watch_fd=watch_fd)
+            return OPS["receive"](self.d.pool, name=volume, fd=fd, watch_fd=watch_fd, progress=progress)
         finally:
             self.d.fs.write_blocked.discard(volume)
             self.receiving.discard(volume)

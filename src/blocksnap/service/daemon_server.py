@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 from ..errors import BlocksnapError
@@ -28,7 +29,7 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 def answer(handler: Handler, line: bytes, fds: list[int] | None = None,
-           watch_fd: int | None = None) -> dict[str, Any]:
+           watch_fd: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """One request line -> one response object; never raises.
 
     A descriptor passed with the request becomes its `fd` argument, and the
@@ -44,6 +45,8 @@ def answer(handler: Handler, line: bytes, fds: list[int] | None = None,
         return {"error": f"bad request: {e}", "type": "InvalidArgument"}
     args.pop("fd", None)
     args.pop("watch_fd", None)
+    if args.pop("progress", None) is True and progress is not None:
+        args["progress"] = progress   # the client shows a bar: report to it as we go
     if fds:
         args["fd"] = fds[0]
         if watch_fd is not None:
@@ -60,6 +63,18 @@ def answer(handler: Handler, line: bytes, fds: list[int] | None = None,
     except Exception as e:  # noqa: BLE001 - the daemon must survive a bug in one op
         log.exception("op %s failed", op)
         return {"error": f"internal error in the daemon: {type(e).__name__}: {e}", "type": "BlocksnapError"}
+
+
+def _progress_to(conn: socket.socket, every: float = 0.2) -> Callable[[int, int], None]:
+    """Progress lines to a client, a few per second (and the last one)."""
+    last = [0.0]
+
+    def send(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every or done >= total:
+            last[0] = now
+            conn.sendall(json.dumps({"progress": [int(done), int(total)]}).encode() + b"\n")
+    return send
 
 
 def _requests(conn: socket.socket) -> Iterator[tuple[bytes, list[int]]]:
@@ -132,7 +147,7 @@ class ControlServer:
                     return
                 for line, fds in _requests(conn):
                     try:
-                        resp = answer(self.handler, line, fds, conn.fileno())
+                        resp = answer(self.handler, line, fds, conn.fileno(), _progress_to(conn))
                     finally:
                         for fd in fds:
                             os.close(fd)

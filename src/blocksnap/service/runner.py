@@ -23,7 +23,8 @@ class Session:
 
     def call(self, op: str, progress: Progress = None, **kwargs: Any) -> Any:
         if self.pool is None:
-            result = self._remote_or_open(op, kwargs)
+            remote = dict(kwargs, progress=progress) if progress is not None and op in PROGRESS_OPS else kwargs
+            result = self._remote_or_open(op, remote)
             if result is not NOT_RUNNING:
                 return result
         if op in PROGRESS_OPS:
