@@ -1,6 +1,7 @@
 """`blocksnap serve|attach|detach|stop|mount|umount`: the FUSE daemon and loop devices."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -92,7 +93,11 @@ def stop(settings: Settings, force: bool) -> None:
     # a forced stop unmounts and detaches every device first, a few seconds each when busy
     if not daemon_spawn.wait_stopped(res["stopping"], timeout=300.0 if force else 60.0):
         raise BlocksnapError(f"the daemon (pid {res['stopping']}) is still shutting down")
-    _note(settings, f"stopped daemon (pid {res['stopping']})")
+    left: list[str] = []
+    if force:   # if it died on the way (kill -9 during the stop), take down what it left
+        with contextlib.suppress(Busy):   # (another command got the pool first: it cleans up)
+            left = daemon_spawn.cleanup_dead(settings.pool)
+    _note(settings, f"stopped daemon (pid {res['stopping']})" + (f"; cleaned up {', '.join(left)}" if left else ""))
 
 
 @click.command("mount")
