@@ -121,3 +121,18 @@ def test_progress_comes_through_the_daemon(served, tmp_path):
     # the bar's byte counts only move when the daemon reports: 25.2 MB is the total
     assert b"25.2/25.2 MB" in tty, tty[-400:]
     served.cli("stop", "--force")
+
+
+def test_a_stuck_daemon_does_not_hang_quick_commands(served):
+    served.attach()
+    pid = served.daemon_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        res = run_cli(served.pool, "pool", "status", env={"BLOCKSNAP_DAEMON_TIMEOUT": "2"}, timeout=60)
+        assert_cli_error(res, 1, "did not answer", "stop --force")
+        assert time.monotonic() - t < 30
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    served.cli("pool", "status")
+    served.cli("stop", "--force")

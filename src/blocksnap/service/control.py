@@ -66,6 +66,11 @@ def connect(pool_path: str, timeout: float | None = None) -> socket.socket | Non
     return s
 
 
+# operations that answer at once when the daemon is alive (others run as long as they need)
+QUICK_OPS = {"pool_status", "daemon_status", "volume_list", "volume_show", "snapshot_list", "snapshot_show",
+             "umount", "detach", "stop"}
+
+
 def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] | None = None,
             progress: Callable[[int, int], None] | None = None) -> Any:
     """One request, one answer. `fds` go along with it (SCM_RIGHTS): the daemon reads
@@ -81,7 +86,12 @@ def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] |
         sock.sendall(payload)
     reader = sock.makefile("rb")
     while True:
-        line = reader.readline()
+        try:
+            line = reader.readline()
+        except TimeoutError:
+            raise errors.Busy(f"the pool's daemon did not answer {op} within {sock.gettimeout():.0f} s: is it "
+                              "stopped or stuck? (see daemon.log in the pool; 'kill -9' it and run "
+                              "'blocksnap stop --force' to clean up)") from None
         if not line:
             raise errors.BlocksnapError("the pool's daemon closed the connection without answering "
                                         "(see daemon.log in the pool)")
@@ -104,6 +114,8 @@ def try_remote(pool_path: str, op: str, args: dict[str, Any]) -> Any:
     if sock is None:
         return NOT_RUNNING
     fds = [args["fd"]] if "fd" in args else None
+    if op in QUICK_OPS:   # a stopped or stuck daemon must not hang `status` forever
+        sock.settimeout(float(os.environ.get("BLOCKSNAP_DAEMON_TIMEOUT", "60")))
     with sock:
         return request(sock, op, {k: v for k, v in args.items() if k not in ("progress", "fd")}, fds,
                        args.get("progress"))
