@@ -184,6 +184,13 @@ def test_incremental_needs_its_base(src, dst, tmp_path):
     with blocksnap.Pool.open(str(dst)) as pool:
         pool.volume("w").write(0, b"local change")
     assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), 1, "written since", "rollback")
+    ok(dst, "receive", "w", "-i", tmp_path / "inc12", "--force")   # rolls back to s1 first
+    assert contents(dst, "w")["s2"] == contents(src, "v")["s2"]
+    ok(dst, "snapshot", "delete", "w@s2")
+    ok(dst, "snapshot", "rollback", "w@s1")
+    with blocksnap.Pool.open(str(dst)) as pool:
+        pool.volume("w").resize(SIZE + M)       # a resize is a change too
+    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), 1, "written since")
     ok(dst, "snapshot", "rollback", "w@s1")
     ok(dst, "receive", "w", "-i", tmp_path / "inc12")
     assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), 1, "w@s2 already exists")

@@ -73,14 +73,16 @@ def send(settings: Settings, ref: str, base: str | None, output: str | None, as_
 @click.command("receive")
 @click.argument("volume")
 @click.option("-i", "--input", "source", type=click.Path(dir_okay=False), help="Read the stream from here (default: stdin).")
+@click.option("-F", "--force", is_flag=True,
+              help="Roll the volume back to the stream's base first if it was written since (those writes are lost).")
 @json_option
 @pass_settings
-def receive(settings: Settings, volume: str, source: str | None, as_json: bool) -> None:
+def receive(settings: Settings, volume: str, source: str | None, force: bool, as_json: bool) -> None:
     """Make a snapshot from a stream: a new volume (full) or on top of its base (incremental)."""
     fd = _open(source, write=False)
     try:
         with progress_bar(settings, f"receive {volume}") as prog:
-            res = call(settings.pool, "receive", progress=prog, name=volume, fd=fd)
+            res = call(settings.pool, "receive", progress=prog, name=volume, fd=fd, force=force)
     finally:
         os.close(fd)
     emit(res, as_json, None if settings.quiet else

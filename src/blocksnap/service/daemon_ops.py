@@ -116,7 +116,7 @@ class DaemonOps:
         return run
 
     def receive(self, name: str, fd: int | None = None, watch_fd: int | None = None,
-                progress: Any = None) -> Any:
+                progress: Any = None, force: bool = False) -> Any:
         """A stream into a volume nobody has attached, mounted or open, kept so until done."""
         if fd is None:
             raise InvalidArgument("receive needs the stream's file passed with the request")
@@ -133,7 +133,8 @@ class DaemonOps:
             self.receiving.add(volume)
             self.d.fs.write_blocked.add(volume)   # nor can the FUSE image be opened to write
         try:
-            return OPS["receive"](self.d.pool, name=volume, fd=fd, watch_fd=watch_fd, progress=progress)
+            return OPS["receive"](self.d.pool, name=volume, fd=fd, watch_fd=watch_fd, progress=progress,
+                                  force=force)
         finally:
             self.d.fs.write_blocked.discard(volume)
             self.receiving.discard(volume)

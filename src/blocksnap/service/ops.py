@@ -123,10 +123,11 @@ def send(pool: Pool, ref: str, fd: int, base: str | None = None, progress: Progr
         raise BlocksnapError("the stream's reader closed it before the end (broken pipe)") from None
 
 
-def receive(pool: Pool, name: str, fd: int, progress: Progress = None, watch_fd: int | None = None) -> dict:
+def receive(pool: Pool, name: str, fd: int, progress: Progress = None, watch_fd: int | None = None,
+            force: bool = False) -> dict:
     from ..streams import receive as _receive
     with stream_file(fd, "rb", watch_fd) as src:
-        return _receive(pool, name, src, progress)
+        return _receive(pool, name, src, progress, force)
 
 
 def check(pool: Pool, repair: bool = False) -> dict:

@@ -82,7 +82,9 @@ def _finish(pool, vol, h: dict[str, Any]) -> None:
         pool.commit(volumes=[vol])
 
 
-def receive(pool, name: str, src: BinaryIO, progress: Progress = None) -> dict[str, Any]:
+def receive(pool, name: str, src: BinaryIO, progress: Progress = None, force: bool = False) -> dict[str, Any]:
+    """`force`: an incremental stream first rolls the volume back to its base if it
+    was written since (its changes since the base are lost, as with `zfs receive -F`)."""
     validate_name(name, "volume name")
     r = StreamReader(src)
     h = _header(r)
@@ -105,7 +107,7 @@ def receive(pool, name: str, src: BinaryIO, progress: Progress = None) -> dict[s
             vol.delete(recursive=True)
             raise
     else:
-        vol = _incremental_target(pool, name, h)
+        vol = _incremental_target(pool, name, h, force)
         base = h["base"]["snapshot"]
         try:
             if vol.size != h["size"]:
@@ -119,7 +121,7 @@ def receive(pool, name: str, src: BinaryIO, progress: Progress = None) -> dict[s
             "stream_bytes": r.read_bytes}
 
 
-def _incremental_target(pool, name: str, h: dict[str, Any]):
+def _incremental_target(pool, name: str, h: dict[str, Any], force: bool = False):
     base, src = h["base"], h["source"]
     want = f"{name}@{base.get('snapshot')}"
     if name not in pool.volumes_by_name:
@@ -139,7 +141,9 @@ def _incremental_target(pool, name: str, h: dict[str, Any]):
                               f"({base.get('volume')}@{base.get('snapshot')} of another pool or time)")
     if vol.block_size != h["block_size"]:
         raise InvalidArgument(f"block size {h['block_size']} of the stream differs from {name}'s")
-    if vol.diff(base["snapshot"]):
-        raise InvalidArgument(f"volume {name} was written since {want}: roll it back first "
-                              f"(blocksnap snapshot rollback {want})")
+    if vol.diff(base["snapshot"]) or vol.size != snaps[-1].size:
+        if not force:
+            raise InvalidArgument(f"volume {name} was written since {want}: roll it back first "
+                                  f"(blocksnap snapshot rollback {want}), or receive with --force")
+        vol.rollback(base["snapshot"])
     return vol
