@@ -22,11 +22,13 @@ class ClientGone(BlocksnapError):
     """The client that asked for the operation went away."""
 
 
-class _Watched(io.RawIOBase):
-    def __init__(self, fd: int, watch_fd: int, event: int):
-        self.fd, self.watch_fd = fd, watch_fd
+class Watched(io.RawIOBase):
+    """A descriptor read from (`reading`) or written to, while the client stays."""
+
+    def __init__(self, fd: int, watch_fd: int, reading: bool):
+        self.fd, self.watch_fd, self.reading = fd, watch_fd, reading
         self._poll = select.poll()
-        self._poll.register(fd, event)
+        self._poll.register(fd, select.POLLIN if reading else select.POLLOUT)
         self._poll.register(watch_fd, _GONE)
 
     def _wait(self) -> None:
@@ -38,34 +40,24 @@ class _Watched(io.RawIOBase):
             if self.fd in events:
                 return
 
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self.fd)
-        super().close()
-
-
-class WatchedReader(_Watched):
-    def __init__(self, fd: int, watch_fd: int):
-        super().__init__(fd, watch_fd, select.POLLIN)
-
     def readable(self) -> bool:
-        return True
+        return self.reading
+
+    def writable(self) -> bool:
+        return not self.reading
 
     def readinto(self, b) -> int:
         self._wait()
         return os.readv(self.fd, [b])
 
-
-class WatchedWriter(_Watched):
-    def __init__(self, fd: int, watch_fd: int):
-        super().__init__(fd, watch_fd, select.POLLOUT)
-
-    def writable(self) -> bool:
-        return True
-
     def write(self, b) -> int:
         self._wait()
         return os.write(self.fd, b)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
 
 
 def stream_file(fd: int, mode: str, watch_fd: int | None = None) -> io.BufferedIOBase:
@@ -74,5 +66,5 @@ def stream_file(fd: int, mode: str, watch_fd: int | None = None) -> io.BufferedI
     if watch_fd is None:
         return os.fdopen(fd, mode, buffering=1 << 20)
     if mode == "rb":
-        return io.BufferedReader(WatchedReader(fd, watch_fd), 1 << 20)
-    return io.BufferedWriter(WatchedWriter(fd, watch_fd), 1 << 20)
+        return io.BufferedReader(Watched(fd, watch_fd, reading=True), 1 << 20)
+    return io.BufferedWriter(Watched(fd, watch_fd, reading=False), 1 << 20)
