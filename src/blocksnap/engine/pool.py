@@ -373,6 +373,11 @@ class Pool:
         return import_image(self, name, source, block_size, progress)
 
     # -- reporting ----------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Data-store bytes no block holds (what writes may still allocate)."""
+        with self.lock:
+            return (self.space.total - HEADER_UNITS - self.space.used_units()) * UNIT
+
     def status(self) -> dict:
         with self.lock:
             self._check_open()

@@ -34,7 +34,7 @@ class Space:
         self.used[idx] = value
 
     def used_units(self) -> int:
-        return int(self.used.sum()) - HEADER_UNITS
+        return int(np.count_nonzero(self.used)) - HEADER_UNITS
 
     def pending_units(self) -> int:
         return sum(len(s) * u for s, u in self.pending)

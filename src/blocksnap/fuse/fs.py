@@ -27,6 +27,8 @@ import mfusepy
 from mfusepy import FuseOSError
 
 from ..errors import BlocksnapError, CorruptionError, OutOfSpace
+from . import write_behind
+from .write_behind import VolumeQueue
 
 log = logging.getLogger("blocksnap.fuse")
 
@@ -99,6 +101,9 @@ class BlocksnapFS(mfusepy.Operations):
         self.initialized = threading.Event()
         self._commit_soon = threading.Event()
         self._closing = False
+        self.queues: dict[str, VolumeQueue] = {}   # write-behind, per live image open to write
+        self._queues_lock = threading.Lock()
+        self.write_behind = write_behind.enabled()
 
     # -- what other parts of the daemon ask --------------------------------------
     def in_use(self, volume: str, snapshot: str | None = None) -> int:
@@ -110,6 +115,38 @@ class BlocksnapFS(mfusepy.Operations):
         """Open handles on the volume or any of its snapshots (for volume delete)."""
         with self.pool.lock:
             return sum(n for (v, _), n in self.open_count.items() if v == volume)
+
+    def drain(self, volume: str | None = None) -> None:
+        """Every write acknowledged so far (to `volume`, or to any) reaches the engine.
+
+        Called before any daemon operation, without the pool lock (the queue's worker
+        needs it).
+        """
+        for name, q in list(self.queues.items()):
+            if volume is None or name == volume:
+                q.drain()
+
+    def _queue(self, h: Handle) -> VolumeQueue:
+        q = self.queues.get(h.volume)
+        if q is None:
+            with self._queues_lock:
+                q = self.queues.get(h.volume)
+                if q is None:
+                    q = self.queues[h.volume] = VolumeQueue(h.obj, self.pool.free_bytes)
+        return q
+
+    def close_queues(self) -> None:
+        with self._queues_lock:
+            queues, self.queues = list(self.queues.values()), {}
+        for q in queues:
+            q.close()
+
+    def _settle(self, h: Handle) -> None:
+        """Before a flush: the queue drained, and an error it met reported (once)."""
+        q = self.queues.get(h.volume)
+        if q is not None:
+            q.drain()
+            q.take_error()
 
     # -- paths -----------------------------------------------------------------
     @staticmethod
@@ -249,12 +286,20 @@ class BlocksnapFS(mfusepy.Operations):
         return fh
 
     def release(self, path: str | None, fh: int) -> int:
+        last_writer = False
         with self.pool.lock:
             h = self.handles.pop(fh, None)
             if h is not None:
                 self.open_count[h.key] -= 1
                 if self.open_count[h.key] <= 0:
                     del self.open_count[h.key]
+                last_writer = h.writable and not any(
+                    o.writable and o.key == h.key for o in self.handles.values())
+        if last_writer:   # (flush already drained it; its error, if any, was reported there)
+            with self._queues_lock:
+                q = self.queues.pop(h.volume, None)
+            if q is not None:
+                q.close()
         return 0
 
     def _handle(self, fh: int) -> Handle:
@@ -272,10 +317,14 @@ class BlocksnapFS(mfusepy.Operations):
     @fuse_errors
     def read_into(self, path: str | None, out: memoryview, offset: int, fh: int) -> int:
         """What the kernel reads, straight into libfuse's buffer: bytes delivered."""
-        obj = self._handle(fh).obj
+        h = self._handle(fh)
+        obj = h.obj
         end = min(offset + len(out), obj.size)
         if offset >= end:
             return 0
+        q = self.queues.get(h.volume) if h.snapshot is None else None
+        if q is not None and q.overlaps(offset, end):
+            q.drain()
         obj.read_into(offset, out[:end - offset])
         return end - offset
 
@@ -289,7 +338,10 @@ class BlocksnapFS(mfusepy.Operations):
         if room <= 0:
             raise FuseOSError(errno.ENOSPC)  # past the end of a disk
         n = min(len(data), room)
-        vol.write(offset, data[:n] if n < len(data) else data)
+        # queued where the engine's work per request is heavy: ROW, and COW with
+        # snapshots to copy blocks out for (a plain COW write is one pwrite: direct)
+        self._queue(h).write(offset, data[:n] if n < len(data) else data,
+                             queue=self.write_behind and (vol.mode == "row" or bool(vol.snapshot_rows)))
         self.mtime[h.volume] = time.time_ns()
         return n
 
@@ -297,6 +349,7 @@ class BlocksnapFS(mfusepy.Operations):
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         h = self._handle(fh)
         if h.snapshot is None:
+            self._settle(h)
             h.obj.flush()
         return 0
 
@@ -304,6 +357,7 @@ class BlocksnapFS(mfusepy.Operations):
     def flush(self, path: str | None, fh: int) -> int:
         h = self._handle(fh)
         if h.writable:
+            self._settle(h)
             h.obj.flush()
         return 0
 
@@ -317,6 +371,7 @@ class BlocksnapFS(mfusepy.Operations):
             raise FuseOSError(errno.EOPNOTSUPP)
         vol = h.obj
         end = min(offset + length, vol.size)
+        self.drain(h.volume)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             if offset < end:
                 vol.discard(offset, end - offset)
@@ -369,4 +424,5 @@ class BlocksnapFS(mfusepy.Operations):
 
     def destroy(self, path: str) -> None:
         self._closing = True
+        self.close_queues()
         log.info("FUSE session ends")

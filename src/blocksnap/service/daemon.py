@@ -145,6 +145,8 @@ class Daemon:
         problems = self.ops.release_all() if self.fs is not None else []
         for p in problems:
             log.error("shutdown: %s", p)
+        if self.fs is not None:
+            self.fs.close_queues()
         if self.pool is not None and not self.pool.closed:
             try:
                 self.pool.commit()

@@ -52,6 +52,7 @@ class DaemonOps:
     # -- dispatch ----------------------------------------------------------------
     def __call__(self, op: str, args: dict[str, Any]) -> Any:
         self._refuse_during_receive(op, args)
+        self.d.fs.drain()   # every write acknowledged before the command is in the engine
         if op in self.handlers:
             return self.handlers[op](**args)
         fn = OPS.get(op)

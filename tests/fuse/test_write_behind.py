@@ -1,0 +1,223 @@
+"""Write-behind on served live images: every acknowledged write is seen by reads,
+snapshots, discards and fsync, a full pool still fails the write that does not fit,
+and an error met later is reported (fuse/write_behind.py).
+
+The daemon runs with BLOCKSNAP_TEST_WRITE_BEHIND_DELAY, so queued data waits a
+second before it reaches the engine: each check below fails if the drain it
+covers is missing.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from blocksnap.errors import OutOfSpace
+from blocksnap.fuse.write_behind import CHUNK, VolumeQueue
+from tests.conftest import run_cli
+
+from .conftest import sh, wait_for
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+SLOW = {"BLOCKSNAP_TEST_WRITE_BEHIND_DELAY": "1.0"}
+MiB = 1 << 20
+
+
+def _serve(served, env: dict | None = None) -> None:
+    run_cli(served.pool, "serve", str(served.mnt), env=env, check=True)
+
+
+class Holder:
+    """A process that writes to the image and keeps it open. Writes made by the
+    test process itself would not do: every command the test starts closes a copy
+    of its descriptor (fork, then close-on-exec), and each close sends a FUSE
+    flush, which drains the queue."""
+
+    def __init__(self, img, code: str):
+        prog = (f"import os, sys\nfd = os.open({str(img)!r}, os.O_RDWR)\n{code}\n"
+                "print('ready', flush=True)\nsys.stdin.read()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", prog], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_acknowledged_writes_are_seen_by_reads_snapshots_discards_and_fsync(served):
+    _serve(served, SLOW)
+    img = served.mnt / "vm1" / "volume.img"
+    fd = os.open(img, os.O_RDWR)
+    try:
+        # a read waits for the queued data it overlaps
+        os.pwrite(fd, b"A" * MiB, 0)
+        os.pwrite(fd, b"B" * 4096, 4096)
+        os.pwrite(fd, b"C" * 100, 6000)
+        t = time.monotonic()
+        got = os.pread(fd, MiB, 0)
+        assert got[:4096] == b"A" * 4096 and got[4096:6000] == b"B" * 1904
+        assert got[6000:6100] == b"C" * 100 and got[6100:8192] == b"B" * 2092
+        assert got[8192:] == b"A" * (MiB - 8192)
+        assert time.monotonic() - t > 0.5   # it did wait for the worker
+
+        # a read elsewhere does not wait
+        os.pwrite(fd, b"Q" * 4096, 40 * MiB)
+        t = time.monotonic()
+        assert os.pread(fd, 4096, 100 * MiB) == bytes(4096)
+        assert time.monotonic() - t < 0.5
+
+        # a discard comes after the writes before it
+        os.pwrite(fd, b"D" * 65536, 20 * MiB)
+        assert _libc.fallocate(fd, 0x02 | 0x01, 20 * MiB, 65536) == 0
+        assert os.pread(fd, 65536, 20 * MiB) == bytes(65536)
+    finally:
+        os.close(fd)
+
+    # a snapshot holds every write acknowledged before it was asked for
+    h = Holder(img, "os.pwrite(fd, b'S' * 65536, 8 << 20)")
+    try:
+        served.cli("snapshot", "create", "vm1@s1")
+        with open(served.mnt / "vm1" / "snapshots" / "s1.img", "rb") as f:
+            f.seek(8 * MiB)
+            assert f.read(65536) == b"S" * 65536
+    finally:
+        h.close()
+
+    # fsync: the queued data is in the engine and committed before it returns
+    h = Holder(img, "os.pwrite(fd, b'F' * 65536, 16 << 20); os.fsync(fd)")
+    try:
+        os.kill(served.daemon_pid(), signal.SIGKILL)
+    finally:
+        h.close()
+    _serve(served)
+    with open(img, "rb") as f:
+        f.seek(16 * MiB)
+        assert f.read(65536) == b"F" * 65536
+    served.cli("stop")
+    served.cli("check")
+
+
+def test_concurrent_random_writes_match_a_model(served):
+    """Writers in threads on their own regions, overlapping writes within each,
+    chunks of every shape: read back, after a restart too, against a model."""
+    _serve(served)
+    img = served.mnt / "vm1" / "volume.img"
+    region = 12 * MiB   # spans several chunks; crosses their edges
+    models = [bytearray(region) for _ in range(4)]
+
+    def writer(i: int) -> None:
+        rnd = random.Random(i)
+        fd = os.open(img, os.O_RDWR)
+        try:
+            base = i * 24 * MiB
+            for _ in range(150):
+                n = rnd.choice([512, 4096, 65536, 100_000, 300_000, MiB])
+                off = rnd.randrange(0, region - n) & ~511
+                data = rnd.randbytes(n) if rnd.random() < 0.8 else bytes(n)
+                os.pwrite(fd, data, base + off)
+                models[i][off:off + n] = data
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        for i in range(4):
+            assert os.pread(fd, region, i * 24 * MiB) == bytes(models[i]), f"region {i}"
+    finally:
+        os.close(fd)
+    served.cli("stop")
+    _serve(served)
+    with open(img, "rb") as f:
+        for i in range(4):
+            f.seek(i * 24 * MiB)
+            assert f.read(region) == bytes(models[i]), f"region {i} after restart"
+    served.cli("stop")
+    served.cli("check")
+
+
+def test_full_pool_fails_the_write_that_does_not_fit(served):
+    """A 512 MiB thin volume in a 256 MiB pool: dd gets ENOSPC, and every write it
+    got an answer for is there after the error."""
+    served.cli("volume", "create", "big", "--size", "512M")
+    dev = served.attach("big")
+    src = served.tmp / "src"
+    with open(src, "wb") as f:
+        for _ in range(400):
+            f.write(os.urandom(MiB))
+    res = sh("dd", f"if={src}", f"of={dev}", "bs=1M", "oflag=direct", "conv=fsync", check=False)
+    assert res.returncode != 0
+    assert "No space left on device" in res.stderr
+    out = [ln for ln in res.stderr.splitlines() if "records out" in ln][0]
+    done = int(out.split("+")[0])
+    assert 150 < done < 256, res.stderr
+    with open(dev, "rb", buffering=0) as f, open(src, "rb") as s:
+        for _ in range(done):
+            assert f.read(MiB) == s.read(MiB)
+    served.cli("detach", dev)
+    served.cli("stop")
+    served.cli("check")
+
+
+class _Volume:
+    """The engine side of a queue, failing writes at `bad` (an injected disk error)."""
+
+    name, block_size = "stub", 65536
+
+    def __init__(self, bad: int):
+        self.bad = bad
+        self.data = bytearray(64 * MiB)
+
+    def write(self, offset: int, data) -> None:
+        if offset <= self.bad < offset + len(data):
+            raise OutOfSpace("no space left in pool (injected)")
+        self.data[offset:offset + len(data)] = data
+
+
+def test_a_later_error_fails_the_next_write_and_one_flush():
+    vol = _Volume(bad=CHUNK * 3)
+    q = VolumeQueue(vol, lambda: 1 << 40)
+    try:
+        q.write(0, memoryview(b"x" * 4096))
+        q.write(CHUNK * 3, memoryview(b"y" * 4096))   # acknowledged, fails in the worker
+        q.drain()
+        assert vol.data[:4096] == b"x" * 4096
+        with pytest.raises(OutOfSpace):
+            q.write(8192, memoryview(b"z" * 10))
+        with pytest.raises(OutOfSpace):
+            q.take_error()
+        q.take_error()   # reported once
+        q.write(8192, memoryview(b"z" * 10))
+        q.drain()
+        assert vol.data[8192:8202] == b"z" * 10
+    finally:
+        q.close()
+
+
+def test_nearly_full_pool_writes_through():
+    """Close to full, writes wait for the queue and go to the engine themselves,
+    so the error reaches the writer."""
+    vol = _Volume(bad=5 * CHUNK)
+    free = [1 << 40]
+    q = VolumeQueue(vol, lambda: free[0])
+    try:
+        free[0] = 0
+        q.write(0, memoryview(b"x" * 100))   # with a stale figure, queued
+        q.drain()
+        with pytest.raises(OutOfSpace):      # now known to be full: written through
+            q.write(5 * CHUNK, memoryview(b"y" * 100))
+    finally:
+        q.close()
