@@ -20,7 +20,7 @@ import time
 import pytest
 
 from blocksnap.errors import OutOfSpace
-from blocksnap.fuse.write_behind import CHUNK, VolumeQueue
+from blocksnap.fuse.write_behind import CHUNK, LOW_WATER, SpaceGuard, VolumeQueue
 from tests.conftest import run_cli
 
 from .conftest import sh, wait_for
@@ -189,7 +189,7 @@ class _Volume:
 
 def test_a_later_error_fails_the_next_write_and_one_flush():
     vol = _Volume(bad=CHUNK * 3)
-    q = VolumeQueue(vol, lambda: 1 << 40)
+    q = VolumeQueue(vol, SpaceGuard(lambda: 1 << 40))
     try:
         q.write(0, memoryview(b"x" * 4096))
         q.write(CHUNK * 3, memoryview(b"y" * 4096))   # acknowledged, fails in the worker
@@ -208,16 +208,20 @@ def test_a_later_error_fails_the_next_write_and_one_flush():
 
 
 def test_nearly_full_pool_writes_through():
-    """Close to full, writes wait for the queue and go to the engine themselves,
-    so the error reaches the writer."""
-    vol = _Volume(bad=5 * CHUNK)
-    free = [1 << 40]
-    q = VolumeQueue(vol, lambda: free[0])
+    """Queued writes reserve the space they may take; the first that does not fit
+    waits for the queue and goes to the engine itself, so its error reaches the
+    writer."""
+    vol = _Volume(bad=3 * MiB)
+    guard = SpaceGuard(lambda: LOW_WATER + 3 * MiB)
+    q = VolumeQueue(vol, guard)
+    q.delay = 0.5
     try:
-        free[0] = 0
-        q.write(0, memoryview(b"x" * 100))   # with a stale figure, queued
-        q.drain()
-        with pytest.raises(OutOfSpace):      # now known to be full: written through
-            q.write(5 * CHUNK, memoryview(b"y" * 100))
+        for i in range(3):
+            q.write(i * MiB, memoryview(b"x" * MiB))   # room for these: queued
+        assert guard.reserved == 3 * MiB and vol.data[:MiB] == bytes(MiB)
+        with pytest.raises(OutOfSpace):
+            q.write(3 * MiB, memoryview(b"y" * MiB))
+        assert vol.data[:3 * MiB] == b"x" * (3 * MiB)   # the queue went first
+        assert guard.reserved == 0
     finally:
         q.close()

@@ -44,6 +44,8 @@ def check_pool(pool, repair: bool = False) -> dict[str, Any]:
         if not errors:
             if not np.array_equal(fresh_space.bref, pool.space.bref):
                 errors.append("block refcounts in memory differ from the catalog")
+            if pool.space.nused != int(np.count_nonzero(pool.space.used)):
+                errors.append("used-unit count in memory differs from the space map")
             used = pool.space.used.copy()
             for starts, units in pool.quarantined():  # waiting for a reader or a write
                 idx = (starts.astype(np.int64)[:, None] + np.arange(units)).ravel()

@@ -374,9 +374,12 @@ class Pool:
 
     # -- reporting ----------------------------------------------------------
     def free_bytes(self) -> int:
-        """Data-store bytes no block holds (what writes may still allocate)."""
-        with self.lock:
-            return (self.space.total - HEADER_UNITS - self.space.used_units()) * UNIT
+        """Data-store bytes no block holds (what writes may still allocate).
+
+        Without the lock (the FUSE write path asks for every request, while a write
+        holding the lock does its I/O): a counter read, exact as of some instant.
+        """
+        return (self.space.total - HEADER_UNITS - self.space.used_units()) * UNIT
 
     def status(self) -> dict:
         with self.lock:

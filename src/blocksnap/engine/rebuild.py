@@ -92,6 +92,7 @@ def _count_blocks(pp: PagePool, space: Space, leaves: np.ndarray, rep: RebuildRe
         idx = (uniq[:, None] + np.arange(int(units))).ravel()
         np.add.at(cover, idx, 1)
     space.used |= cover > 0
+    space.recount()
     overlap = int((cover > 1).sum())
     if overlap:
         rep.errors.append(f"{overlap} data unit(s) claimed by two different blocks")

@@ -20,6 +20,7 @@ class Space:
         self.total = total_units
         self.used = np.zeros(total_units, bool)
         self.used[:HEADER_UNITS] = True
+        self.nused = HEADER_UNITS        # count of True in `used`, kept as it changes
         self.bref = np.zeros(total_units, np.uint32)
         self.fresh = np.zeros(total_units, bool)
         self._fresh_list: list[np.ndarray] = []
@@ -31,10 +32,16 @@ class Space:
         if len(starts) == 0:
             return
         idx = (starts.astype(np.int64)[:, None] + np.arange(units)).ravel()
+        was = int(np.count_nonzero(self.used[idx]))
         self.used[idx] = value
+        self.nused += (len(idx) - was) if value else -was
 
     def used_units(self) -> int:
-        return int(np.count_nonzero(self.used)) - HEADER_UNITS
+        """Without a scan: the FUSE write path asks on every request."""
+        return int(self.nused) - HEADER_UNITS
+
+    def recount(self) -> None:
+        self.nused = int(np.count_nonzero(self.used))
 
     def pending_units(self) -> int:
         return sum(len(s) * u for s, u in self.pending)
@@ -54,6 +61,7 @@ class Space:
             # slices, not index arrays (this runs for every write request)
             starts = np.arange(lo, hi, units, dtype=np.uint64)
             self.used[lo:hi] = True
+            self.nused += int(hi - lo)
             self.bref[lo:hi:units] = 1
             self.fresh[lo:hi:units] = True
             self._fresh_list.append(starts)

@@ -28,7 +28,7 @@ from mfusepy import FuseOSError
 
 from ..errors import BlocksnapError, CorruptionError, OutOfSpace
 from . import write_behind
-from .write_behind import VolumeQueue
+from .write_behind import SpaceGuard, VolumeQueue
 
 log = logging.getLogger("blocksnap.fuse")
 
@@ -104,6 +104,7 @@ class BlocksnapFS(mfusepy.Operations):
         self.queues: dict[str, VolumeQueue] = {}   # write-behind, per live image open to write
         self._queues_lock = threading.Lock()
         self.write_behind = write_behind.enabled()
+        self.space_guard = SpaceGuard(pool.free_bytes)
 
     # -- what other parts of the daemon ask --------------------------------------
     def in_use(self, volume: str, snapshot: str | None = None) -> int:
@@ -127,12 +128,18 @@ class BlocksnapFS(mfusepy.Operations):
                 q.drain()
 
     def _queue(self, h: Handle) -> VolumeQueue:
+        """The volume's queue. It lives as long as the daemon, so no write can
+        slip between a queue that is closing and a new one; a queue of a volume
+        deleted since (empty: the delete drained it) gives way to a new one."""
         q = self.queues.get(h.volume)
-        if q is None:
+        if q is None or q.vol is not h.obj:
             with self._queues_lock:
                 q = self.queues.get(h.volume)
+                if q is not None and q.vol is not h.obj:
+                    q.close()
+                    q = None
                 if q is None:
-                    q = self.queues[h.volume] = VolumeQueue(h.obj, self.pool.free_bytes)
+                    q = self.queues[h.volume] = VolumeQueue(h.obj, self.space_guard)
         return q
 
     def close_queues(self) -> None:
@@ -146,7 +153,8 @@ class BlocksnapFS(mfusepy.Operations):
         q = self.queues.get(h.volume)
         if q is not None:
             q.drain()
-            q.take_error()
+            if h.writable:
+                q.take_error()
 
     # -- paths -----------------------------------------------------------------
     @staticmethod
@@ -295,11 +303,9 @@ class BlocksnapFS(mfusepy.Operations):
                     del self.open_count[h.key]
                 last_writer = h.writable and not any(
                     o.writable and o.key == h.key for o in self.handles.values())
-        if last_writer:   # (flush already drained it; its error, if any, was reported there)
-            with self._queues_lock:
-                q = self.queues.pop(h.volume, None)
-            if q is not None:
-                q.close()
+        q = self.queues.get(h.volume) if last_writer else None
+        if q is not None:
+            q.trim()
         return 0
 
     def _handle(self, fh: int) -> Handle:

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -83,12 +83,33 @@ class _Chunk:
         self.runs = keep
 
 
+class SpaceGuard:
+    """Pool space the queued writes of every image may still allocate, so that a
+    write is queued only while the pool has room for it and all queued before."""
+
+    def __init__(self, free_bytes: Callable[[], int]):
+        self.free_bytes = free_bytes          # () -> bytes free in the pool now (no lock)
+        self.lock = threading.Lock()
+        self.reserved = 0
+
+    def reserve(self, need: int) -> bool:
+        with self.lock:
+            if self.free_bytes() - self.reserved - need < LOW_WATER:
+                return False
+            self.reserved += need
+            return True
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.reserved -= n
+
+
 class VolumeQueue:
     """The write-behind queue of one live volume, with its worker thread."""
 
-    def __init__(self, vol: Any, free_bytes: Any):
+    def __init__(self, vol: Any, space: SpaceGuard):
         self.vol = vol
-        self.free_bytes = free_bytes          # () -> bytes free in the pool (takes the pool lock)
+        self.space = space
         self.cond = threading.Condition()
         self.chunks: list[_Chunk] = []
         self.spare: list[bytearray] = []
@@ -96,8 +117,6 @@ class VolumeQueue:
         self.done_seq = 0                     # every chunk up to this one is in the engine
         self.draining = 0
         self.error: BaseException | None = None
-        self.reserved = 0
-        self.free_hint = free_bytes()
         self.closed = False
         self.delay = float(os.environ.get(DELAY_ENV) or 0)
         self.thread = threading.Thread(target=self._work, name=f"write-behind {vol.name}", daemon=True)
@@ -111,24 +130,21 @@ class VolumeQueue:
         bs = self.vol.block_size
         need = (-(-end // bs) - offset // bs) * bs
         with self.cond:
-            if self.error is not None:
-                raise self.error
-            if not queue or self.closed or self.free_hint - self.reserved - need < LOW_WATER:
-                through = True
-            else:
-                through = False
+            if self.error is not None:   # (a fresh traceback each time: it would grow)
+                raise self.error.with_traceback(None)
+            chunk = None
+            if queue and not self.closed and self.space.reserve(need):
                 chunk = self._chunk_for(offset, end)
-                chunk.writers += 1
-                chunk.add_run(offset, end)
-                chunk.reserved += need
-                self.reserved += need
-        if through:
-            if self.overlaps(offset, end) or queue:
+                if chunk is None:
+                    self.space.release(need)
+                else:
+                    chunk.writers += 1
+                    chunk.add_run(offset, end)
+                    chunk.reserved += need
+        if chunk is None:
+            if queue or self.overlaps(offset, end):
                 self.drain()   # (nearly full: all of it, so ENOSPC is judged on the real figure)
             self.vol.write(offset, data)
-            if queue:
-                with self.cond:
-                    self.free_hint = self.free_bytes()
             return
         try:
             ctypes.memmove(chunk.addr + (offset - chunk.start), _address(data), len(data))
@@ -137,9 +153,12 @@ class VolumeQueue:
                 chunk.writers -= 1
                 self.cond.notify_all()
 
-    def _chunk_for(self, offset: int, end: int) -> _Chunk:
-        """The open chunk if the request fits it, else a new one (waiting for room)."""
+    def _chunk_for(self, offset: int, end: int) -> _Chunk | None:
+        """The open chunk if the request fits it, else a new one (waiting for room);
+        None once the queue is closed."""
         while True:
+            if self.closed:
+                return None
             if self.chunks and self.chunks[-1].fits(offset, end):
                 return self.chunks[-1]
             if len(self.chunks) < LIMIT:
@@ -165,9 +184,9 @@ class VolumeQueue:
             target = self.seq
             self.draining += 1
             self.cond.notify_all()
-            try:
-                while self.done_seq < target and not self.closed:
-                    self.cond.wait()
+            try:   # (a closed queue too: its worker finishes what it holds)
+                while self.done_seq < target and self.thread.is_alive():
+                    self.cond.wait(1.0)
             finally:
                 self.draining -= 1
 
@@ -177,6 +196,11 @@ class VolumeQueue:
             err, self.error = self.error, None
         if err is not None:
             raise err
+
+    def trim(self) -> None:
+        """Give the spare buffers back (nobody has the image open to write)."""
+        with self.cond:
+            self.spare.clear()
 
     def close(self) -> None:
         """Drain, then stop the worker."""
@@ -227,14 +251,9 @@ class VolumeQueue:
                         if self.error is None:
                             self.error = e
             del view
-            try:
-                free = self.free_bytes()
-            except Exception:  # noqa: BLE001 - a closed pool: keep the old figure
-                free = self.free_hint
+            self.space.release(c.reserved)
             with self.cond:
                 self.chunks.remove(c)
-                self.reserved -= c.reserved
-                self.free_hint = free
                 self.done_seq = c.seq
                 if len(self.spare) < LIMIT:   # (fresh memory is slow to touch here)
                     self.spare.append(c.buf)
