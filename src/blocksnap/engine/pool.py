@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import AlreadyExists, Busy, InvalidArgument, NotAPool, NotFound
-from ..store import FileStore, device_size
+from ..store import FileStore, device_size, start_writeback
 from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
@@ -371,6 +371,21 @@ class Pool:
                       progress: Callable[[int, int], None] | None = None):
         from .transfer import import_image
         return import_image(self, name, source, block_size, progress)
+
+    def start_writeback(self) -> None:
+        """Start writeback of the data store and the COW origins written to: data
+        then reaches the disk while writes go on, not all at the next commit."""
+        with self.lock:   # (copies of the descriptors: writeback may block, not under the lock)
+            if self.closed:
+                return
+            stores = [self.store] + [v._origin for v in self.volumes_by_name.values()
+                                     if getattr(v, "_origin", None) is not None]
+            fds = [os.dup(st.fd) for st in stores]
+        for fd in fds:
+            try:
+                start_writeback(fd)
+            finally:
+                os.close(fd)
 
     # -- reporting ----------------------------------------------------------
     def free_bytes(self) -> int:

@@ -41,6 +41,7 @@ ALIGN = 1 << 20          # a chunk starts at a multiple of this in the volume
 LIMIT = 8                # chunks queued per volume before writers wait
 IDLE = 0.0005            # seconds an open chunk waits for the next request
 LOW_WATER = 2 * CHUNK * LIMIT   # below this much free space beyond the queue: write through
+KICK = 32 << 20          # bytes written by the workers between two writeback starts
 ENABLE_ENV = "BLOCKSNAP_WRITE_BEHIND"            # "off": every write goes straight to the engine
 DELAY_ENV = "BLOCKSNAP_TEST_WRITE_BEHIND_DELAY"  # tests: seconds queued data waits, to show the drains
 
@@ -104,12 +105,54 @@ class SpaceGuard:
             self.reserved -= n
 
 
+class Writeback:
+    """Starts writeback of the pool's files every KICK bytes the workers write.
+
+    Without it the engine's writes pile up in the page cache and all reach the
+    disk at the next flush, which then waits for every one of them. Started
+    early, most are on the disk by then. From its own thread: starting writeback
+    can block (the host filesystem allocates blocks), and a worker that blocks
+    is a queue that fills. (Before write-behind, the same kick stalled the FUSE
+    writes themselves, and was taken out.)
+    """
+
+    def __init__(self, start: Callable[[], None]):
+        self.start = start
+        self.written = 0
+        self.wake = threading.Event()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="writeback", daemon=True)
+        self.thread.start()
+
+    def wrote(self, n: int) -> None:
+        self.written += n    # (a racy count only moves a kick by a request)
+        if self.written >= KICK:
+            self.written = 0
+            self.wake.set()
+
+    def _run(self) -> None:
+        while not self.closed:
+            if not self.wake.wait(1.0):
+                continue
+            self.wake.clear()
+            try:
+                self.start()
+            except Exception:  # noqa: BLE001 - only a head start for the next flush
+                log.exception("starting writeback failed")
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+        self.thread.join()
+
+
 class VolumeQueue:
     """The write-behind queue of one live volume, with its worker thread."""
 
-    def __init__(self, vol: Any, space: SpaceGuard):
+    def __init__(self, vol: Any, space: SpaceGuard, writeback: Writeback | None = None):
         self.vol = vol
         self.space = space
+        self.writeback = writeback
         self.cond = threading.Condition()
         self.chunks: list[_Chunk] = []
         self.spare: list[bytearray] = []
@@ -145,6 +188,8 @@ class VolumeQueue:
             if queue or self.overlaps(offset, end):
                 self.drain()   # (nearly full: all of it, so ENOSPC is judged on the real figure)
             self.vol.write(offset, data)
+            if self.writeback is not None:
+                self.writeback.wrote(len(data))
             return
         try:
             ctypes.memmove(chunk.addr + (offset - chunk.start), _address(data), len(data))
@@ -252,6 +297,8 @@ class VolumeQueue:
                             self.error = e
             del view
             self.space.release(c.reserved)
+            if self.writeback is not None:
+                self.writeback.wrote(sum(hi - lo for lo, hi in c.runs))
             with self.cond:
                 self.chunks.remove(c)
                 self.done_seq = c.seq

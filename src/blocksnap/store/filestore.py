@@ -22,6 +22,8 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def device_size(path: str) -> int:
@@ -40,6 +42,12 @@ def device_size(path: str) -> int:
         finally:
             os.close(fd)
     raise InvalidArgument(f"{path}: not a regular file or block device")
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to the disk, without waiting for it, so
+    a later fsync has less to do (sync_file_range WRITE: not a durability step)."""
+    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class FileStore:
@@ -103,6 +111,7 @@ class FileStore:
 
     def sync(self) -> None:
         os.fsync(self.fd)
+
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Give space back to the host filesystem (files only; best effort)."""
