@@ -19,8 +19,9 @@ import time
 
 import pytest
 
+import blocksnap
 from blocksnap.errors import OutOfSpace
-from blocksnap.fuse.write_behind import CHUNK, LOW_WATER, SpaceGuard, VolumeQueue
+from blocksnap.fuse.write_behind import CHUNK, KICK, LOW_WATER, SpaceGuard, VolumeQueue, Writeback
 from tests.conftest import run_cli
 
 from .conftest import sh, wait_for
@@ -225,3 +226,30 @@ def test_nearly_full_pool_writes_through():
         assert guard.reserved == 0
     finally:
         q.close()
+
+
+def test_writeback_starts_every_kick(tmp_path):
+    """The workers' writes start writeback every KICK bytes, from its own thread,
+    on a real pool (data store and COW origin)."""
+    calls = []
+    wb = Writeback(lambda: calls.append(threading.current_thread().name))
+    vol = _Volume(bad=1 << 40)
+    vol.data = bytearray(3 * KICK)
+    q = VolumeQueue(vol, SpaceGuard(lambda: 1 << 40), wb)
+    try:
+        for off in range(0, KICK + MiB, MiB):
+            q.write(off, memoryview(b"w" * MiB))
+        q.drain()
+        assert wait_for(lambda: calls == ["writeback"], 5)
+    finally:
+        q.close()
+        wb.close()
+    origin = tmp_path / "origin.img"
+    origin.write_bytes(bytes(MiB))
+    with blocksnap.Pool.create(str(tmp_path / "pool"), size=64 << 20) as pool:
+        row = pool.create_volume("r", size=8 << 20)
+        cow = pool.create_volume("c", mode="cow", origin=str(origin))
+        row.write(0, b"x" * MiB)
+        cow.write(0, b"y" * 4096)
+        pool.start_writeback()   # both files: no error, nothing committed by it
+        assert pool.volume("r").read(0, 1) == b"x"
