@@ -344,3 +344,39 @@ def test_kill_9_under_queued_writes_matches_the_model(served):
         base = live
         served.cli("stop")
         served.cli("check")
+
+
+def test_a_write_that_does_not_fit_waits_for_every_image_queue():
+    """Image B's write-through waits until image A's queued writes have taken their
+    space, so a full pool's ENOSPC goes to B, not to A's acknowledged writes."""
+    guard = SpaceGuard(lambda: LOW_WATER + 2 * MiB)
+    a, b = _Volume(bad=1 << 40), _Volume(bad=1 << 40)
+    qa, qb = VolumeQueue(a, guard), VolumeQueue(b, guard)
+    qa.delay = 0.5
+    try:
+        qa.write(0, memoryview(b"a" * MiB))
+        qa.write(MiB, memoryview(b"a" * MiB))
+        assert guard.reserved == 2 * MiB
+        qb.write(0, memoryview(b"b" * MiB))     # no room: through, after A's
+        assert a.data[:2 * MiB] == b"a" * (2 * MiB) and b.data[:MiB] == b"b" * MiB
+    finally:
+        qa.close()
+        qb.close()
+
+
+def test_writes_after_the_queues_closed_go_to_the_engine(tmp_path):
+    """At shutdown the queues close; a process still writing the image then writes
+    to the engine directly, and no new queue or thread appears."""
+    from blocksnap.fuse import BlocksnapFS
+    with blocksnap.Pool.create(str(tmp_path / "pool"), size=64 << 20) as pool:
+        pool.create_volume("vm1", size=8 << 20)
+        fs = BlocksnapFS(pool)
+        fh = fs.open("/vm1/volume.img", os.O_RDWR)
+        fs.write(None, memoryview(b"q" * 4096), 0, fh)
+        assert "vm1" in fs.queues
+        fs.close_queues()
+        assert pool.volume("vm1").read(0, 4096) == b"q" * 4096   # drained
+        fs.write(None, memoryview(b"d" * 4096), 4096, fh)
+        assert pool.volume("vm1").read(4096, 4096) == b"d" * 4096   # at once
+        assert fs.queues == {} and fs.writeback is None
+        fs.release(None, fh)

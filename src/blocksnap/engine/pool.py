@@ -380,7 +380,12 @@ class Pool:
                 return
             stores = [self.store] + [v._origin for v in self.volumes_by_name.values()
                                      if getattr(v, "_origin", None) is not None]
-            fds = [os.dup(st.fd) for st in stores]
+            fds: list[int] = []
+            try:
+                for st in stores:
+                    fds.append(os.dup(st.fd))
+            except OSError:
+                pass   # (out of descriptors: start what we have)
         for fd in fds:
             try:
                 start_writeback(fd)

@@ -106,6 +106,7 @@ class BlocksnapFS(mfusepy.Operations):
         self.write_behind = write_behind.enabled()
         self.space_guard = SpaceGuard(pool.free_bytes)
         self.writeback: Writeback | None = None   # started with the first queue
+        self._queues_closed = False
 
     # -- what other parts of the daemon ask --------------------------------------
     def in_use(self, volume: str, snapshot: str | None = None) -> int:
@@ -128,13 +129,16 @@ class BlocksnapFS(mfusepy.Operations):
             if volume is None or name == volume:
                 q.drain()
 
-    def _queue(self, h: Handle) -> VolumeQueue:
-        """The volume's queue. It lives as long as the daemon, so no write can
+    def _queue(self, h: Handle) -> VolumeQueue | None:
+        """The volume's queue, None once the daemon is shutting down (writes then
+        go to the engine directly). It lives as long as the daemon, so no write can
         slip between a queue that is closing and a new one; a queue of a volume
         deleted since (empty: the delete drained it) gives way to a new one."""
         q = self.queues.get(h.volume)
         if q is None or q.vol is not h.obj:
             with self._queues_lock:
+                if self._queues_closed:
+                    return None
                 q = self.queues.get(h.volume)
                 if q is not None and q.vol is not h.obj:
                     q.close()
@@ -146,13 +150,15 @@ class BlocksnapFS(mfusepy.Operations):
         return q
 
     def close_queues(self) -> None:
+        """Drain and stop every queue; later writes go to the engine directly."""
         with self._queues_lock:
+            self._queues_closed = True
             queues, self.queues = list(self.queues.values()), {}
+            writeback, self.writeback = self.writeback, None
         for q in queues:
             q.close()
-        if self.writeback is not None:
-            self.writeback.close()
-            self.writeback = None
+        if writeback is not None:
+            writeback.close()
 
     def _settle(self, h: Handle) -> None:
         """Before a flush: the queue drained, and an error it met reported (once)."""
@@ -352,8 +358,12 @@ class BlocksnapFS(mfusepy.Operations):
         n = min(len(data), room)
         # queued where the engine's work per request is heavy: ROW, and COW with
         # snapshots to copy blocks out for (a plain COW write is one pwrite: direct)
-        self._queue(h).write(offset, data[:n] if n < len(data) else data,
-                             queue=self.write_behind and (vol.mode == "row" or bool(vol.snapshot_rows)))
+        data = data[:n] if n < len(data) else data
+        q = self._queue(h)
+        if q is None:
+            vol.write(offset, data)
+        else:
+            q.write(offset, data, queue=self.write_behind and (vol.mode == "row" or bool(vol.snapshot_rows)))
         self.mtime[h.volume] = time.time_ns()
         return n
 

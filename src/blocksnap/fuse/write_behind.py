@@ -90,19 +90,28 @@ class SpaceGuard:
 
     def __init__(self, free_bytes: Callable[[], int]):
         self.free_bytes = free_bytes          # () -> bytes free in the pool now (no lock)
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.reserved = 0
 
     def reserve(self, need: int) -> bool:
-        with self.lock:
+        with self.cond:
             if self.free_bytes() - self.reserved - need < LOW_WATER:
                 return False
             self.reserved += need
             return True
 
     def release(self, n: int) -> None:
-        with self.lock:
+        with self.cond:
             self.reserved -= n
+            if not self.reserved:
+                self.cond.notify_all()
+
+    def wait_settled(self) -> None:
+        """Until every queued write of every image has taken its space: a write that
+        did not fit goes to the engine after them, and ENOSPC, if it comes, is its."""
+        with self.cond:
+            while self.reserved:
+                self.cond.wait(1.0)
 
 
 class Writeback:
@@ -176,17 +185,21 @@ class VolumeQueue:
             if self.error is not None:   # (a fresh traceback each time: it would grow)
                 raise self.error.with_traceback(None)
             chunk = None
-            if queue and not self.closed and self.space.reserve(need):
-                chunk = self._chunk_for(offset, end)
-                if chunk is None:
-                    self.space.release(need)
-                else:
+            full = False
+            if queue and not self.closed and len(data) <= CHUNK - ALIGN:   # (fits any chunk)
+                full = not self.space.reserve(need)
+                chunk = None if full else self._chunk_for(offset, end)
+                if chunk is not None:
                     chunk.writers += 1
                     chunk.add_run(offset, end)
                     chunk.reserved += need
+                elif not full:
+                    self.space.release(need)   # closed meanwhile
         if chunk is None:
             if queue or self.overlaps(offset, end):
                 self.drain()   # (nearly full: all of it, so ENOSPC is judged on the real figure)
+            if full:
+                self.space.wait_settled()   # the other images' queues, too
             self.vol.write(offset, data)
             if self.writeback is not None:
                 self.writeback.wrote(len(data))
