@@ -582,6 +582,8 @@ def test_corrupt_block_is_named_by_scrub_and_refused_by_reads(tmp_path):
         with pytest.raises(blocksnap.CorruptionError, match="block 13"):
             vol.read(0, 1 * M)
         with pytest.raises(blocksnap.CorruptionError, match="block 13"):
+            vol.read(10 * bs, 6 * bs)   # one run in the store: the fast path
+        with pytest.raises(blocksnap.CorruptionError, match="block 13"):
             vol.get_snapshot("s1").read(13 * bs + 5, 1)
         with pytest.raises(blocksnap.CorruptionError):
             vol.write(13 * bs + 1, b"x")  # a partial write must read the block first
