@@ -14,11 +14,12 @@ What stays true (docs/fuse.md, "Write-behind"):
   they commit. Every daemon operation drains first, so a snapshot holds every
   write acknowledged before it was asked for.
 * Reads see every acknowledged write: a read overlapping queued data waits for it.
-* A full pool still fails the write that does not fit: when the pool's free space
-  gets within reach of what the queue might allocate, writes go straight to the
-  engine again (after the queue drains), and ENOSPC reaches the writer.
-* An error the worker meets later (EIO from the disk) fails the next write, and
-  the next fsync/flush, which reports it once, like the page cache.
+* A full pool still fails the write that does not fit: queued writes reserve
+  their space in one account per pool (SpaceGuard), and a write that would bring
+  the pool within LOW_WATER of full waits for every image's queue, then goes to
+  the engine itself, so ENOSPC reaches its writer.
+* An error the worker meets later (EIO from the disk) fails every write until an
+  fsync/flush of a writable handle reports it, once, like the page cache.
 """
 from __future__ import annotations
 
