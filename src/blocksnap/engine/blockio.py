@@ -76,15 +76,8 @@ def read_stored(store, ptrs: np.ndarray, sums: np.ndarray, bs: int, buf: bytearr
     idx = np.flatnonzero(ptrs >= 2)
     if not len(idx):
         return
-    sel = ptrs[idx]
-    # contiguous both in the buffer and in the store
-    key = sel.astype(np.int64) - idx.astype(np.int64) * units
-    breaks = np.flatnonzero((np.diff(key) != 0) | (np.diff(idx) != 1)) + 1
-    bounds = np.concatenate(([0], breaks, [len(idx)]))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        i0 = int(idx[a])
-        cnt = int(b - a)
-        store.preadinto(mv[i0 * bs:(i0 + cnt) * bs], int(sel[a]) * UNIT)
+    for i0, cnt, unit in _store_runs(ptrs[idx], idx, units):
+        store.preadinto(mv[i0 * bs:(i0 + cnt) * bs], unit * UNIT)
     if verify:
         got = block_sums(buf, idx, bs)
         bad = idx[got != sums[idx]]
@@ -101,17 +94,20 @@ def _corrupt(where: str, base_block: int, b: int, ptrs: np.ndarray) -> None:
 def write_stored(store, starts: np.ndarray, bs: int, buf: bytes | bytearray | memoryview,
                  which: np.ndarray) -> None:
     """Write buffer blocks `which` to store blocks `starts` (same length), coalesced."""
-    units = bs // UNIT
     mv = memoryview(buf)
     if not len(which):
         return
+    for i0, cnt, unit in _store_runs(starts, which, bs // UNIT):
+        store.pwrite(mv[i0 * bs:(i0 + cnt) * bs], unit * UNIT)
+
+
+def _store_runs(starts: np.ndarray, which: np.ndarray, units: int) -> list[tuple[int, int, int]]:
+    """(first buffer block, count, first store unit) of each run of blocks that sit
+    next to each other both in the buffer (`which`) and in the store (`starts`)."""
     key = starts.astype(np.int64) - which.astype(np.int64) * units
     breaks = np.flatnonzero((np.diff(key) != 0) | (np.diff(which) != 1)) + 1
     bounds = np.concatenate(([0], breaks, [len(which)]))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        i0 = int(which[a])
-        cnt = int(b - a)
-        store.pwrite(mv[i0 * bs:(i0 + cnt) * bs], int(starts[a]) * UNIT)
+    return [(int(which[a]), int(b - a), int(starts[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 SCRATCH_KEEP = 8 << 20   # read buffers up to this size are kept for reuse
