@@ -107,3 +107,29 @@ def mark_root_dir(items, directory: str, reason: str | None) -> None:
             item.add_marker(pytest.mark.root)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def history_pool(path: Path, size: int = 24 << 20) -> Path:
+    """A pool with ROW volume v and three snapshots: s1 (data), s2 (partial overwrites,
+    zeros over data, a discard, new data), s3 (after a resize, data in the grown part)."""
+    import random
+    M = 1 << 20
+
+    def rand(n: int, seed: int) -> bytes:
+        return random.Random(seed).randbytes(n)
+
+    with blocksnap.Pool.create(str(path), size=256 * M) as pool:
+        v = pool.create_volume("v", size=size, block_size=64 << 10)
+        v.write(0, rand(3 * M + 1000, 1))
+        v.write(10 * M + 4096, rand(200_000, 2))
+        v.write(20 * M, b"\xff" * 65536)
+        v.snapshot("s1", labels={"why": "test"})
+        v.write(1 * M + 512, rand(300_000, 3))      # partial blocks
+        v.write(2 * M, bytes(M))                    # zeros over data
+        v.discard(10 * M, 512 << 10)                # unmapped
+        v.write(15 * M, rand(M, 4))                 # new data
+        v.snapshot("s2")
+        v.resize(size + 4 * M)
+        v.write(size + M, rand(65536 + 7, 5))       # in the grown part
+        v.snapshot("s3")
+    return path

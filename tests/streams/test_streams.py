@@ -16,7 +16,7 @@ import pytest
 import blocksnap
 from blocksnap.service.daemon_server import answer
 
-from ..conftest import assert_cli_error, run_cli
+from ..conftest import assert_cli_error, history_pool, run_cli
 
 M = 1 << 20
 SIZE = 24 * M
@@ -60,22 +60,7 @@ def contents(pool_path, volume: str) -> dict[str, bytes]:
 @pytest.fixture
 def src(tmp_path):
     """A ROW volume with three snapshots: data, then overwrites, zeros, a discard, a resize."""
-    path = tmp_path / "src"
-    with blocksnap.Pool.create(str(path), size=256 * M) as pool:
-        v = pool.create_volume("v", size=SIZE, block_size=64 << 10)
-        v.write(0, rand(3 * M + 1000, 1))
-        v.write(10 * M + 4096, rand(200_000, 2))
-        v.write(20 * M, b"\xff" * 65536)
-        v.snapshot("s1", labels={"why": "test"})
-        v.write(1 * M + 512, rand(300_000, 3))      # partial blocks
-        v.write(2 * M, bytes(M))                    # zeros over data
-        v.discard(10 * M, 512 << 10)                # unmapped
-        v.write(15 * M, rand(M, 4))                 # new data
-        v.snapshot("s2")
-        v.resize(SIZE + 4 * M)
-        v.write(SIZE + M, rand(65536 + 7, 5))       # in the grown part
-        v.snapshot("s3")
-    return path
+    return history_pool(tmp_path / "src", SIZE)
 
 
 @pytest.fixture

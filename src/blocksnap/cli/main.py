@@ -41,8 +41,9 @@ def _rethaw_stale_freezes() -> None:
 
 
 def _register() -> None:
-    from . import data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, stream_cmd, volume_cmd
-    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd):
+    from . import (backup_cmd, data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, stream_cmd,
+                   volume_cmd)
+    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd, backup_cmd):
         for command in getattr(mod, "COMMANDS", []):
             cli.add_command(command)
 

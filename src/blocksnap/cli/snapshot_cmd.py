@@ -1,15 +1,16 @@
-"""`blocksnap snapshot create|list|show|delete|rollback|clone|diff`."""
+"""`blocksnap snapshot create|list|show|delete|prune|rollback|clone|diff`."""
 from __future__ import annotations
 
 import time
 
 import click
 
+from ..errors import BlocksnapError
 from ..service.runner import call
 from ..service.snapshots import create_snapshot
 from ..units import format_size
 from .context import Settings, emit, json_option, pass_settings, table
-from .options import parse_labels
+from .options import keep_options, keep_policy, parse_labels
 from .progress import progress_bar
 
 
@@ -81,6 +82,35 @@ def delete(settings: Settings, ref: str) -> None:
     call(settings.pool, "snapshot_delete", ref=ref)
     if not settings.quiet:
         click.echo(f"deleted snapshot {ref}")
+
+
+@snapshot.command("prune")
+@click.argument("volume")
+@keep_options
+@click.option("--dry-run", "-n", is_flag=True, help="Only say what would go.")
+@json_option
+@pass_settings
+def prune(settings: Settings, volume: str, dry_run: bool, as_json: bool, **keep) -> None:
+    """Delete the volume's snapshots a --keep-* policy does not keep (as for backups)."""
+    from ..retention import decide
+    policy = keep_policy(keep)
+    snaps = call(settings.pool, "snapshot_list", volume=volume)
+    d = decide([(s["ref"], s["created"]) for s in snaps], policy)
+    removed, failed = [], []
+    for ref in d.remove if not dry_run else []:
+        try:
+            call(settings.pool, "snapshot_delete", ref=ref)
+            removed.append(ref)
+        except BlocksnapError as e:   # a clone's origin, a mounted snapshot: say so, go on
+            failed.append({"snapshot": ref, "error": str(e)})
+    res = {"kept": d.keep, "removed": removed if not dry_run else d.remove, "failed": failed, "dry_run": dry_run}
+    lines = [f"keep   {ref}  ({', '.join(why)})" for ref, why in sorted(d.keep.items())]
+    lines += [f"{'would delete' if dry_run else 'deleted'} {ref}" for ref in res["removed"]]
+    emit(res, as_json, None if settings.quiet else "\n".join(lines))
+    for f in failed:
+        click.echo(f"warning: kept {f['snapshot']}: {f['error']}", err=True)
+    if failed:
+        raise BlocksnapError(f"{len(failed)} of {len(d.remove)} snapshots could not be deleted")
 
 
 @snapshot.command("rollback")

@@ -1,0 +1,157 @@
+"""Where a repository's objects live: a local directory or an S3-compatible bucket.
+
+Both hold named, immutable objects (`config`, `data/<pack>`, `index/<pack>`,
+`backups/<id>`, `locks/<id>`). A local object appears whole or not at all
+(written aside, fsynced, renamed); an S3 PUT is atomic by itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Protocol
+from urllib.parse import urlparse
+
+from ..errors import BlocksnapError, InvalidArgument, NotFound
+
+
+class RepoError(BlocksnapError):
+    """The repository's storage failed or refused (network, permissions, missing bucket)."""
+
+
+class Backend(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def list(self, prefix: str) -> dict[str, int]: ...   # key -> size
+    def delete(self, key: str) -> None: ...
+    def sweep(self) -> int: ...   # remove what interrupted writes left (prune, alone)
+
+
+class LocalBackend:
+    def __init__(self, root: str, url: str):
+        self.root, self.url = root, url
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"{self.url}: object {key} is missing") from None
+
+    def list(self, prefix: str) -> dict[str, int]:
+        base = self._path(prefix.rstrip("/"))
+        out: dict[str, int] = {}
+        if not os.path.isdir(base):
+            return out
+        for name in os.listdir(base):
+            if name.startswith(".tmp-"):
+                continue
+            st = os.stat(os.path.join(base, name))
+            out[f"{prefix.rstrip('/')}/{name}"] = st.st_size
+        return out
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def sweep(self) -> int:
+        n = 0
+        for d, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".tmp-"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(d, name))
+                        n += 1
+        return n
+
+
+class S3Backend:
+    def __init__(self, bucket: str, prefix: str, endpoint: str | None, url: str):
+        import boto3
+        from botocore.config import Config
+        self.bucket, self.prefix, self.url = bucket, prefix.strip("/"), url
+        self.s3 = boto3.client("s3", endpoint_url=endpoint,
+                               config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                             connect_timeout=10, read_timeout=60))
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404") and "Key" in kw:
+                raise NotFound(f"{self.url}: object {kw['Key']} is missing") from None
+            if code == "NoSuchBucket":
+                raise RepoError(f"{self.url}: no such bucket {self.bucket!r}") from None
+            raise RepoError(f"{self.url}: {what} failed: {code or e}") from None
+        except BotoCoreError as e:
+            raise RepoError(f"{self.url}: {what} failed: {e}") from None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(f"writing {key}", self.s3.put_object, Key=self._key(key), Body=data)
+
+    def get(self, key: str) -> bytes:
+        res = self._call(f"reading {key}", self.s3.get_object, Key=self._key(key))
+        try:
+            return res["Body"].read()
+        except Exception as e:  # noqa: BLE001 - a connection cut mid-body
+            raise RepoError(f"{self.url}: reading {key} failed: {e}") from None
+
+    def list(self, prefix: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        token = None
+        full = self._key(prefix.rstrip("/")) + "/"
+        while True:
+            kw = {"Prefix": full, **({"ContinuationToken": token} if token else {})}
+            res = self._call(f"listing {prefix}", self.s3.list_objects_v2, **kw)
+            for obj in res.get("Contents", []):
+                out[prefix.rstrip("/") + "/" + obj["Key"][len(full):]] = int(obj["Size"])
+            if not res.get("IsTruncated"):
+                return out
+            token = res["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        self._call(f"deleting {key}", self.s3.delete_object, Key=self._key(key))
+
+    def sweep(self) -> int:
+        return 0   # an S3 PUT is whole or absent: nothing half-written to remove
+
+
+def open_backend(url: str, endpoint: str | None = None) -> Backend:
+    """file:///PATH or s3://BUCKET[/PREFIX] (with --endpoint for non-AWS stores)."""
+    u = urlparse(url)
+    if u.scheme == "file" and u.path.startswith("/") and not u.netloc:
+        return LocalBackend(u.path, url)
+    if u.scheme == "s3" and u.netloc:
+        return S3Backend(u.netloc, u.path, endpoint, url)
+    raise InvalidArgument(f"invalid repository {url!r}: use file:///PATH or s3://BUCKET[/PREFIX]")

@@ -1,0 +1,137 @@
+"""`verify` and `prune`: is every backup restorable, and which backups and packs go.
+
+Prune deletes in the order that keeps every remaining backup whole at every
+instant: manifests first, then for each pack no remaining manifest needs its
+index, then the pack (a pack without an index is garbage the next prune removes;
+an index without its pack would make a later backup skip chunks it thinks are
+stored). Packs that are mostly garbage are rewritten: their live chunks go to a
+new pack and index before the old index and pack are deleted.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+from ..errors import BlocksnapError, NotFound
+from ..retention import Policy, decide
+from .repo import Repository
+
+Progress = Callable[[int, int], None] | None
+REPACK_BELOW = 0.5    # rewrite a pack whose live share of bytes is below this
+
+
+def verify(repo: Repository, read_data: bool = False, progress: Progress = None) -> dict[str, Any]:
+    problems: list[str] = []
+    packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
+    indexes = [k.split("/", 1)[1] for k in repo.backend.list("index")]
+    where: dict[bytes, tuple[str, int, int]] = {}
+    contents: dict[str, list[tuple[bytes, int, int]]] = {}
+    for pack in indexes:
+        try:
+            ids, offs, lens = repo.read_index(pack)
+        except BlocksnapError as e:
+            problems.append(str(e))
+            continue
+        rows = [(bytes(c), o, n) for c, o, n in zip(ids, offs.tolist(), lens.tolist())]
+        contents[pack] = rows
+        end = max((o + n for _, o, n in rows), default=0)
+        if pack not in packs:
+            problems.append(f"pack {pack} is missing (its index names {len(rows)} chunks)")
+            continue
+        if packs[pack] < end:
+            problems.append(f"pack {pack} is cut short: {packs[pack]} bytes, its index needs {end}")
+            continue
+        for cid, o, n in rows:
+            where.setdefault(cid, (pack, o, n))
+    backups = 0
+    for bid in repo.backup_ids():
+        try:
+            m = repo.read_manifest(bid)
+        except BlocksnapError as e:
+            problems.append(str(e))
+            continue
+        backups += 1
+        lost = {bytes(c) for c in m.ids[m.ids.any(axis=1)]} - where.keys()
+        if lost:
+            problems.append(f"backup {bid}: {len(lost)} of its chunks are not stored")
+    checked = 0
+    if read_data:
+        total = sum(packs.get(p, 0) for p in contents)
+        done = 0
+        for pack, rows in sorted(contents.items()):
+            if pack not in packs:
+                continue
+            try:
+                blob = memoryview(repo.backend.get(f"data/{pack}"))
+            except NotFound as e:
+                problems.append(str(e))
+                continue
+            for cid, o, n in rows:
+                try:
+                    repo.open_chunk(cid, blob[o:o + n], f"chunk {cid.hex()} in pack {pack}")
+                    checked += 1
+                except BlocksnapError as e:
+                    problems.append(str(e))
+            done += packs[pack]
+            if progress:
+                progress(done, total)
+    return {"repository": repo.url, "backups": backups, "packs": len(packs), "chunks": len(where),
+            "chunks_read": checked, "read_data": read_data,
+            "unindexed_packs": sorted(set(packs) - set(contents)), "problems": problems}
+
+
+def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
+    with repo.lock("prune", exclusive=not dry_run):
+        manifests = repo.manifests()
+        by_volume: dict[str, list] = defaultdict(list)
+        for m in manifests:
+            by_volume[m.volume].append(m)
+        keep: dict[str, list[str]] = {}
+        remove: list[str] = []
+        for ms in by_volume.values():
+            d = decide([(m.id, m.info["time"]) for m in ms], policy, now)
+            keep.update(d.keep)
+            remove += d.remove
+        report: dict[str, Any] = {"kept": keep, "removed": sorted(remove), "dry_run": dry_run,
+                                  "packs_deleted": 0, "packs_rewritten": 0, "bytes_freed": 0}
+        if dry_run:
+            return report
+        for bid in remove:
+            repo.delete_manifest(bid)
+        live = set()
+        for m in manifests:
+            if m.id not in remove:
+                live.update(bytes(c) for c in m.ids[m.ids.any(axis=1)])
+        report.update(_collect(repo, live))
+        repo.backend.sweep()
+        return report
+
+
+def _collect(repo: Repository, live: set[bytes]) -> dict[str, int]:
+    packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
+    deleted = rewritten = freed = 0
+    indexed = set()
+    for key in sorted(repo.backend.list("index")):
+        pack = key.split("/", 1)[1]
+        indexed.add(pack)
+        ids, offs, lens = repo.read_index(pack)
+        rows = [(bytes(c), o, n) for c, o, n in zip(ids, offs.tolist(), lens.tolist())]
+        keep = [r for r in rows if r[0] in live]
+        size = packs.get(pack, 0)
+        if keep and sum(n for _, _, n in keep) >= REPACK_BELOW * sum(n for _, _, n in rows):
+            continue
+        if keep:
+            blob = memoryview(repo.backend.get(f"data/{pack}"))
+            repo.write_pack([(c, bytes(blob[o:o + n])) for c, o, n in keep])
+            rewritten += 1
+            freed += size - sum(n for _, _, n in keep)
+        else:
+            deleted += 1
+            freed += size
+        repo.backend.delete(f"index/{pack}")
+        repo.backend.delete(f"data/{pack}")
+    for pack in set(packs) - indexed:   # left by a backup that was cut short
+        repo.backend.delete(f"data/{pack}")
+        deleted += 1
+        freed += packs[pack]
+    return {"packs_deleted": deleted, "packs_rewritten": rewritten, "bytes_freed": freed}

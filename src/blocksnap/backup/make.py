@@ -1,0 +1,151 @@
+"""`backup`: a snapshot into a repository, read as a send stream.
+
+The pool's owner (this process, or the daemon while the pool is served) writes a
+send stream into a pipe; this side cuts it into chunks of the volume's block
+size, stores the chunks the repository lacks, and writes the manifest last. An
+incremental or differential backup asks for the stream `--from` the snapshot of
+its base backup, so only the blocks the snapshot maps say changed are read; the
+manifest starts as a copy of the base's chunk list with those blocks replaced.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import BlocksnapError, InvalidArgument
+from ..streams.format import DATA, StreamError, StreamReader
+from ..units import split_snapshot_ref
+from .crypto import ID_BYTES
+from .manifest import Manifest, chunk_count, new_backup_id
+from .repo import PACK_TARGET, Repository
+
+MODES = ("full", "incremental", "differential")
+# (write end of a pipe, base snapshot or None) -> the send's report; runs in a thread
+Producer = Callable[[int, str | None], dict]
+Created = Callable[[str], float | None]      # a snapshot's creation time, None if gone
+Progress = Callable[[int, int], None] | None
+
+
+def choose_base(repo: Repository, vname: str, sname: str, mode: str,
+                created: Created) -> tuple[Manifest | None, str | None]:
+    """The backup to build on for this mode, or None (then a full one), with a note why."""
+    if mode not in MODES:
+        raise InvalidArgument(f"invalid mode {mode!r}: use {', '.join(MODES)}")
+    if mode == "full":
+        return None, None
+    mine = [m for m in repo.manifests() if m.volume == vname]
+    if mode == "differential":
+        mine = [m for m in mine if m.info["mode"] == "full"]
+    if not mine:
+        return None, f"no earlier {'full ' if mode == 'differential' else ''}backup of {vname}: making a full one"
+    base = mine[-1]
+    src = base.info["source"]
+    if src["snapshot"] == sname and created(f"{vname}@{sname}") == src["created"]:
+        raise InvalidArgument(f"{vname}@{sname} is already backed up, as {base.id}")
+    if created(f"{vname}@{src['snapshot']}") != src["created"]:
+        return None, (f"{vname}@{src['snapshot']}, the snapshot of backup {base.id}, is gone or was "
+                      f"made again: reading the whole snapshot (a full backup)")
+    return base, None
+
+
+def make_backup(repo: Repository, ref: str, mode: str, produce: Producer, created: Created,
+                progress: Progress = None) -> dict[str, Any]:
+    vname, sname = split_snapshot_ref(ref)
+    if created(ref) is None:
+        raise BlocksnapError(f"no snapshot {ref}")
+    base, note = choose_base(repo, vname, sname, mode, created)
+    repo.load_index()
+    with repo.lock("backup"):
+        info, ids, stats = _run(repo, produce, base, vname, sname, progress)
+        m = Manifest(dict(info, id=new_backup_id(), time=time.time(), mode="full" if base is None else mode,
+                          requested_mode=mode, base=base.id if base else None, stats=stats), ids)
+        repo.write_manifest(m)
+    return dict(m.info, note=note)
+
+
+def _run(repo: Repository, produce: Producer, base: Manifest | None, vname: str, sname: str,
+         progress: Progress) -> tuple[dict, np.ndarray, dict]:
+    r, w = os.pipe()
+    failure: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            produce(w, f"{vname}@{base.info['source']['snapshot']}" if base else None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer's side
+            failure.append(e)
+        finally:
+            os.close(w)
+
+    t = threading.Thread(target=sender, name="backup-send", daemon=True)
+    t.start()
+    src = os.fdopen(r, "rb", buffering=1 << 20)
+    try:
+        try:
+            return _consume(repo, StreamReader(src), base, vname, sname, progress)
+        finally:
+            src.close()            # a sender still writing gets EPIPE instead of waiting
+            t.join()
+    except StreamError:
+        if failure:                # the stream ended because its sender failed: say why
+            raise failure[0].with_traceback(None) from None
+        raise
+
+
+def _consume(repo: Repository, reader: StreamReader, base: Manifest | None, vname: str, sname: str,
+             progress: Progress) -> tuple[dict, np.ndarray, dict]:
+    hdr = reader.header
+    if (hdr["source"]["volume"], hdr["source"]["snapshot"]) != (vname, sname):
+        raise StreamError(f"the stream is of {hdr['source']['volume']}@{hdr['source']['snapshot']}")
+    if base is not None and hdr.get("base") != base.info["source"]:
+        raise StreamError(f"the stream's base is not the snapshot of backup {base.id}")
+    bs, size = int(hdr["block_size"]), int(hdr["size"])
+    n = chunk_count(size, bs)
+    ids = np.zeros((n, ID_BYTES), np.uint8)
+    if base is not None:
+        keep = min(n, len(base.ids))
+        ids[:keep] = base.ids[:keep]
+    keys = repo.keys
+    pending: list[tuple[bytes, bytes]] = []
+    pending_bytes = 0
+    queued: set[bytes] = set()
+    st = {"read_bytes": 0, "chunks_read": 0, "new_chunks": 0, "new_bytes": 0, "packs": 0}
+    total = int(hdr.get("scan_bytes") or size)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        for rec in reader.records():
+            first = rec.offset // bs
+            if rec.kind != DATA:
+                ids[first:first + chunk_count(rec.length, bs)] = 0
+                continue
+            mv = memoryview(rec.data)
+            pieces = [mv[i:i + bs] for i in range(0, len(mv), bs)]
+            cids = list(pool.map(keys.chunk_id, pieces))
+            ids[first:first + len(pieces)] = np.frombuffer(b"".join(cids), np.uint8).reshape(-1, ID_BYTES)
+            new = []
+            for cid, piece in zip(cids, pieces):
+                if cid not in repo.where and cid not in queued:
+                    queued.add(cid)
+                    new.append((cid, piece))
+            for cid, blob in zip([c for c, _ in new], pool.map(lambda cp: repo.chunk_blob(*cp), new)):
+                pending.append((cid, blob))
+                st["new_chunks"] += 1
+                st["new_bytes"] += len(blob)
+                pending_bytes += len(blob)
+            if pending_bytes >= PACK_TARGET:
+                repo.write_pack(pending)
+                st["packs"] += 1
+                pending, pending_bytes = [], 0
+            st["read_bytes"] += rec.length
+            st["chunks_read"] += len(pieces)
+            if progress:
+                progress(min(st["read_bytes"], total), total)
+    if pending:
+        repo.write_pack(pending)
+        st["packs"] += 1
+    info = {"source": hdr["source"], "size": size, "chunk_size": bs, "chunks": n,
+            "labels": hdr.get("labels") or {}, "consistency": hdr.get("consistency")}
+    return info, ids, st

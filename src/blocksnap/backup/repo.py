@@ -1,0 +1,185 @@
+"""A backup repository: config, packs of sealed chunks, their indexes, manifests, locks.
+
+    config              plain JSON: format, version, id, scrypt parameters, wrapped key
+    data/<pack>         sealed chunks back to back (each: nonce, AES-GCM of flag+payload)
+    index/<pack>        sealed: which chunk IDs the pack holds, at which offsets
+    backups/<id>        sealed manifests, one per backup
+    locks/<id>          plain JSON: who is writing (backup) or deleting (prune)
+
+Objects are written in that order of dependence: a pack, then its index, then the
+manifest that uses it. A backup cut short leaves packs no manifest names, which
+`prune` deletes; it never leaves a manifest naming a chunk that is not stored.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import zstandard
+
+from ..errors import Busy, CorruptionError, InvalidArgument, NotFound
+from .backends import Backend, open_backend
+from .crypto import ID_BYTES, Keys, parse_config
+from .manifest import Manifest
+
+PACK_TARGET = 16 << 20      # bytes of sealed chunks per pack object
+RAW, ZSTD = 0, 1            # first byte of a chunk's plaintext
+_N = struct.Struct("<I")
+
+
+class Repository:
+    def __init__(self, backend: Backend, keys: Keys, config: dict):
+        self.backend, self.keys, self.config = backend, keys, config
+        self.url = backend.url
+        self.where: dict[bytes, tuple[str, int, int]] = {}   # chunk ID -> (pack, offset, length)
+        self._local = threading.local()    # zstd contexts are not thread-safe: one per thread
+
+    # -- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, password: Callable[[bool], bytes], endpoint: str | None = None,
+             create: bool = False) -> tuple["Repository", bool]:
+        """The repository at url, unlocked; created first (if asked) when there is none.
+        `password(new)` is asked once, knowing whether the repository is new."""
+        backend = open_backend(url, endpoint)
+        try:
+            raw = backend.get("config")
+        except NotFound:
+            if not create:
+                raise NotFound(f"no blocksnap repository at {url}") from None
+            keys, config = Keys.create(password(True), os.urandom(16).hex())
+            backend.put("config", json.dumps(config, indent=1).encode())
+            return cls(backend, keys, config), True
+        config = parse_config(raw, url)
+        return cls(backend, Keys.unlock(config, password(False), url), config), False
+
+    # -- chunks --------------------------------------------------------------
+    def chunk_blob(self, cid: bytes, data: bytes | memoryview) -> bytes:
+        packed = self._compressor().compress(data)
+        plain = bytes([ZSTD]) + packed if len(packed) < len(data) else bytes([RAW]) + bytes(data)
+        return self.keys.seal(plain, b"chunk:" + cid)
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        zc = getattr(self._local, "zc", None)
+        if zc is None:
+            zc = self._local.zc = zstandard.ZstdCompressor(level=3)
+        return zc
+
+    def open_chunk(self, cid: bytes, blob: bytes | memoryview, what: str) -> bytes:
+        plain = self.keys.open(blob, b"chunk:" + cid, what)
+        try:
+            data = zstandard.ZstdDecompressor().decompress(plain[1:]) if plain[0] == ZSTD else plain[1:]
+        except zstandard.ZstdError:
+            raise CorruptionError(f"{what} does not decompress") from None
+        if self.keys.chunk_id(data) != cid:
+            raise CorruptionError(f"{what} does not match its ID")
+        return data
+
+    def load_index(self) -> int:
+        """Read every pack's index: which chunks the repository holds, and where."""
+        self.where = {}
+        for key in sorted(self.backend.list("index")):
+            pack = key.split("/", 1)[1]
+            ids, offs, lens = self.read_index(pack)
+            for cid, off, ln in zip(ids, offs.tolist(), lens.tolist()):
+                self.where.setdefault(bytes(cid), (pack, off, ln))
+        return len(self.where)
+
+    def read_index(self, pack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        what = f"{self.url}: index of pack {pack}"
+        raw = self.keys.open(self.backend.get(f"index/{pack}"), f"index/{pack}".encode(), what)
+        try:
+            (n,) = _N.unpack_from(raw)
+            ids = np.frombuffer(raw, np.uint8, n * ID_BYTES, 4).reshape(n, ID_BYTES)
+            offs = np.frombuffer(raw, np.uint64, n, 4 + n * ID_BYTES)
+            lens = np.frombuffer(raw, np.uint32, n, 4 + n * (ID_BYTES + 8))
+        except (struct.error, ValueError):
+            raise CorruptionError(f"{what} is damaged") from None
+        return ids, offs, lens
+
+    def write_pack(self, blobs: list[tuple[bytes, bytes]]) -> str:
+        """Store sealed chunks as one pack, then its index; returns the pack's name."""
+        pack = os.urandom(16).hex()
+        offs = np.cumsum([0] + [len(b) for _, b in blobs[:-1]], dtype=np.uint64)
+        lens = np.array([len(b) for _, b in blobs], np.uint32)
+        self.backend.put(f"data/{pack}", b"".join(b for _, b in blobs))
+        index = _N.pack(len(blobs)) + b"".join(c for c, _ in blobs) + offs.tobytes() + lens.tobytes()
+        self.backend.put(f"index/{pack}", self.keys.seal(index, f"index/{pack}".encode()))
+        for (cid, _), off, ln in zip(blobs, offs.tolist(), lens.tolist()):
+            self.where.setdefault(cid, (pack, off, ln))
+        return pack
+
+    # -- manifests -----------------------------------------------------------
+    def backup_ids(self) -> list[str]:
+        return sorted(k.split("/", 1)[1] for k in self.backend.list("backups"))
+
+    def manifest(self, ident: str) -> Manifest:
+        """A backup by its ID or a unique prefix of it."""
+        ids = self.backup_ids()
+        hits = [i for i in ids if i == ident] or [i for i in ids if i.startswith(ident)]
+        if not ident or not hits:
+            raise NotFound(f"no backup {ident!r} in {self.url}")
+        if len(hits) > 1:
+            raise InvalidArgument(f"backup {ident!r} is ambiguous in {self.url}: {', '.join(hits[:4])}...")
+        return self.read_manifest(hits[0])
+
+    def read_manifest(self, bid: str) -> Manifest:
+        what = f"{self.url}: backup {bid}"
+        raw = self.keys.open(self.backend.get(f"backups/{bid}"), f"backups/{bid}".encode(), what)
+        m = Manifest.decode(raw, what)
+        if m.id != bid:
+            raise CorruptionError(f"{what} is damaged (it names itself {m.id})")
+        return m
+
+    def manifests(self) -> list[Manifest]:
+        """Every backup, oldest first (two in one second: by the time inside)."""
+        return sorted((self.read_manifest(b) for b in self.backup_ids()), key=lambda m: (m.info["time"], m.id))
+
+    def write_manifest(self, m: Manifest) -> None:
+        self.backend.put(f"backups/{m.id}", self.keys.seal(m.encode(), f"backups/{m.id}".encode()))
+
+    def delete_manifest(self, bid: str) -> None:
+        self.backend.delete(f"backups/{bid}")
+
+    # -- locks ---------------------------------------------------------------
+    def locks(self) -> list[dict]:
+        out = []
+        for key in self.backend.list("locks"):
+            with contextlib.suppress(NotFound, ValueError):
+                out.append(dict(json.loads(self.backend.get(key)), key=key))
+        return out
+
+    @contextlib.contextmanager
+    def lock(self, op: str, exclusive: bool = False) -> Iterator[None]:
+        """Backups share the repository; prune needs it alone (it deletes packs a
+        running backup may be about to name)."""
+        mine = f"locks/{new_lock_name()}"
+        self.backend.put(mine, json.dumps({"op": op, "exclusive": exclusive, "host": socket.gethostname(),
+                                           "pid": os.getpid(), "time": time.time()}).encode())
+        try:
+            others = [lk for lk in self.locks() if lk["key"] != mine]
+            clash = [lk for lk in others if exclusive or lk.get("exclusive")]
+            if clash:
+                lk = clash[0]
+                raise Busy(f"{self.url} is locked by {lk.get('op')} (pid {lk.get('pid')} on {lk.get('host')}, "
+                           f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(lk.get('time', 0)))}); "
+                           f"if that is gone, remove it with `blocksnap unlock --repo {self.url}`")
+            yield
+        finally:
+            self.backend.delete(mine)
+
+    def unlock_all(self) -> int:
+        keys = list(self.backend.list("locks"))
+        for key in keys:
+            self.backend.delete(key)
+        return len(keys)
+
+
+def new_lock_name() -> str:
+    return f"{int(time.time())}-{os.urandom(6).hex()}"

@@ -1,0 +1,100 @@
+"""Fixtures for backups: a pool whose volume has three different snapshots, a
+repository environment, and a real S3-compatible server (moto's, in its own
+process, spoken to over HTTP by boto3 exactly as MinIO or AWS would be)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import history_pool, run_cli
+
+M = 1 << 20
+SIZE = 24 * M
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """Volume v with s1 (data), s2 (overwrites, zeros, a discard, new data), s3 (grown)."""
+    return history_pool(tmp_path / "pool", SIZE)
+
+
+class Repo:
+    """Runs the CLI against one pool and one repository."""
+
+    def __init__(self, pool: Path, url: str, env: dict[str, str]):
+        self.pool, self.url, self.env = pool, url, dict(env, BLOCKSNAP_REPO_PASSWORD="correct horse")
+
+    def cli(self, *args, env: dict | None = None, check: bool = True, timeout: float = 180):
+        res = run_cli(self.pool, *args, env=dict(self.env, BLOCKSNAP_REPO=self.url, **(env or {})),
+                      timeout=timeout)
+        assert "Traceback" not in res.stderr, res.stderr
+        if check:
+            assert res.returncode == 0, (args, res.stdout, res.stderr)
+        return res
+
+    def backup(self, ref: str, *extra: str) -> dict:
+        return json.loads(self.cli("backup", ref, "--json", *extra).stdout)
+
+    def list(self) -> list[dict]:
+        return json.loads(self.cli("backups", "--json").stdout)
+
+
+@pytest.fixture
+def local_repo(src: Path, tmp_path: Path) -> Repo:
+    return Repo(src, f"file://{tmp_path / 'repo'}", {})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free local port, for the whole session."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto's S3 server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_repo(src: Path, s3_server: str, request) -> Repo:
+    import boto3
+    bucket = "bk-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3", endpoint_url=s3_server, **{k.lower(): v for k, v in S3_ENV.items()
+                                                  if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    return Repo(src, f"s3://{bucket}/backups", dict(S3_ENV, BLOCKSNAP_S3_ENDPOINT=s3_server))
+
+
+def export(pool: Path, ref: str, out: Path) -> bytes:
+    res = run_cli(pool, "export", ref, str(out))
+    assert res.returncode == 0, res.stderr
+    data = out.read_bytes()
+    os.unlink(out)
+    return data

@@ -1,0 +1,206 @@
+"""Backups end to end through the real CLI: to a local directory and to an S3 server."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_cli_error, run_cli
+
+from .conftest import M, SIZE, Repo, export
+
+
+@pytest.fixture(params=["local", "s3"])
+def repo(request) -> Repo:
+    return request.getfixturevalue(f"{request.param}_repo")
+
+
+def test_full_incremental_differential_restore_bit_for_bit(repo: Repo, src: Path, tmp_path: Path):
+    want = {s: export(src, f"v@{s}", tmp_path / "x.raw") for s in ("s1", "s2", "s3")}
+    b1 = repo.backup("v@s1")                       # incremental with no base: a full one
+    assert b1["mode"] == "full" and b1["base"] is None and "no earlier backup" in b1["note"]
+    b2 = repo.backup("v@s2")
+    assert b2["mode"] == "incremental" and b2["base"] == b1["id"]
+    b3 = repo.backup("v@s3", "--mode", "differential")
+    assert b3["mode"] == "differential" and b3["base"] == b1["id"]
+    # read from the maps: only what changed since the base is read
+    diff12 = run_cli(src, "snapshot", "diff", "v@s1", "v@s2", "--json").stdout
+    import json
+    changed = json.loads(diff12)["changed_bytes"]
+    assert 0 < b2["stats"]["read_bytes"] <= changed < b1["stats"]["read_bytes"] + changed
+    assert b2["stats"]["new_chunks"] < b1["stats"]["new_chunks"]
+    b4 = repo.backup("v@s3", "--mode", "full")
+    assert b4["mode"] == "full" and b4["stats"]["new_chunks"] == 0   # all deduplicated
+    assert [b["id"] for b in repo.list()] == [b1["id"], b2["id"], b3["id"], b4["id"]]
+    for b, snap in ((b1, "s1"), (b2, "s2"), (b3, "s3"), (b4, "s3")):
+        out = tmp_path / f"{b['id']}.raw"
+        repo.cli("restore", b["id"], str(out), "--verify")
+        assert out.read_bytes() == want[snap], snap
+        assert os.stat(out).st_blocks * 512 < out.stat().st_size     # holes stay holes
+    # every backup is whole: the pool can go, and the first backup with it
+    run_cli(src, "volume", "delete", "v", "--recursive")
+    repo.cli("prune", "--keep-last", "1")
+    assert [b["id"] for b in repo.list()] == [b4["id"]]
+    repo.cli("verify", "--read-data")
+    out = tmp_path / "again.raw"
+    repo.cli("restore", b4["id"][:17], str(out))     # a unique prefix of the ID will do
+    assert out.read_bytes() == want["s3"]
+
+
+def test_repository_holds_no_plaintext_and_needs_the_password(repo: Repo, src: Path, tmp_path: Path):
+    repo.backup("v@s1")
+    if repo.url.startswith("file://"):
+        block = export(src, "v@s1", tmp_path / "x.raw")[:1 << 16]
+        probe = block[1000:1064]     # 64 random bytes of the volume
+        for p in Path(repo.url[7:]).rglob("*"):
+            if p.is_file():
+                assert probe not in p.read_bytes(), p
+    assert_cli_error(repo.cli("backups", env={"BLOCKSNAP_REPO_PASSWORD": "wrong"}, check=False),
+                     1, "wrong password")
+    assert_cli_error(repo.cli("backups", env={"BLOCKSNAP_REPO_PASSWORD": ""}, check=False), 1, "password")
+
+
+def test_bad_inputs_get_one_error_line_and_change_nothing(local_repo: Repo, tmp_path: Path):
+    r = local_repo
+    assert_cli_error(r.cli("backups", check=False), 1, "no blocksnap repository")
+    assert not Path(r.url[7:]).exists()
+    assert_cli_error(r.cli("backup", "v@nope", check=False), 1, "nope")
+    assert_cli_error(r.cli("backup", "nope@s1", check=False), 1)
+    assert_cli_error(r.cli("backup", "v", check=False), 1, "VOLUME@NAME")
+    assert_cli_error(r.cli("backup", "v@s1", "--repo", "ftp://x/y", check=False), 1, "file:///PATH")
+    assert_cli_error(r.cli("backup", "v@s1", "--mode", "weekly", check=False), 2)
+    b = r.backup("v@s1")
+    assert_cli_error(r.cli("backup", "v@s1", check=False), 1, "already backed up")
+    assert_cli_error(r.cli("restore", "20990101", str(tmp_path / "o.raw"), check=False), 1, "no backup")
+    keep = tmp_path / "precious.img"
+    keep.write_bytes(b"precious")
+    assert_cli_error(r.cli("restore", b["id"], str(keep), check=False), 1, "exists")
+    assert keep.read_bytes() == b"precious"
+    assert_cli_error(r.cli("restore", b["id"], str(tmp_path), check=False), 1, "directory")
+    assert_cli_error(r.cli("prune", check=False), 1, "no --keep")
+    assert_cli_error(r.cli("prune", "--keep-within", "7x", check=False), 1, "duration")
+    assert [x["id"] for x in r.list()] == [b["id"]]
+
+
+def test_damage_is_found_and_never_restored(local_repo: Repo, tmp_path: Path):
+    r = local_repo
+    b = r.backup("v@s1")
+    root = Path(r.url[7:])
+    packs = sorted((root / "data").iterdir())
+    r.cli("verify")
+    blob = bytearray(packs[0].read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    packs[0].write_bytes(blob)
+    r.cli("verify")                                   # sizes and indexes: still fine
+    res = r.cli("verify", "--read-data", check=False)
+    assert res.returncode == 1 and "problem: " in res.stdout and "damaged" in res.stdout
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 1 problems")
+    out = tmp_path / "r.raw"
+    assert_cli_error(r.cli("restore", b["id"], str(out), check=False), 1, "damaged")
+    assert not out.exists()                           # nothing half-restored left behind
+    packs[0].unlink()
+    res = r.cli("verify", check=False)
+    assert res.returncode == 1 and "is missing" in res.stdout
+
+
+def test_prune_keeps_what_the_policy_says_and_frees_the_rest(local_repo: Repo, src: Path, tmp_path: Path):
+    import json
+    import blocksnap
+    with blocksnap.Pool.open(str(src)) as pool:
+        w = pool.create_volume("w", size=8 * M)
+        w.write(0, os.urandom(4 * M))
+        w.snapshot("a")
+        w.write(0, os.urandom(3 * M))
+        w.snapshot("b")
+        w.write(0, os.urandom(3 * M))         # a's pack: a quarter still live; b's: nothing
+        w.snapshot("c")
+    r = local_repo
+    ids = [r.backup(f"w@{s}")["id"] for s in ("a", "b", "c")]
+    v1 = r.backup("v@s1")["id"]               # another volume: its own policy
+    root = Path(r.url[7:])
+    before = sum(p.stat().st_size for p in (root / "data").iterdir())
+    dry = r.cli("prune", "--keep-last", "1", "--dry-run").stdout
+    assert f"would remove {ids[0]}" in dry and f"would remove {ids[1]}" in dry and len(r.list()) == 4
+    res = json.loads(r.cli("prune", "--keep-last", "1", "--json").stdout)
+    assert sorted(res["removed"]) == sorted(ids[:2])
+    assert res["packs_deleted"] == 1 and res["packs_rewritten"] == 1
+    assert sorted(b["id"] for b in r.list()) == sorted([ids[2], v1])
+    after = sum(p.stat().st_size for p in (root / "data").iterdir())
+    assert before - after > 5 * M
+    r.cli("verify", "--read-data")
+    for bid, ref in ((ids[2], "w@c"), (v1, "v@s1")):
+        out = tmp_path / "r.raw"
+        r.cli("restore", bid, str(out), "--verify")
+        assert out.read_bytes() == export(src, ref, tmp_path / "x.raw")
+        out.unlink()
+
+
+def test_a_lock_left_by_a_dead_prune_blocks_until_unlocked(local_repo: Repo):
+    r = local_repo
+    r.backup("v@s1")
+    root = Path(r.url[7:])
+    (root / "locks").mkdir(exist_ok=True)
+    (root / "locks" / "1-dead").write_text('{"op": "prune", "exclusive": true, "pid": 1, "host": "x", "time": 0}')
+    assert_cli_error(r.cli("backup", "v@s2", check=False), 1, "locked by prune")
+    assert_cli_error(r.cli("prune", "--keep-last", "1", check=False), 1, "blocksnap unlock")
+    assert len(r.list()) == 1
+    r.cli("unlock")
+    r.cli("backup", "v@s2")
+    assert len(r.list()) == 2
+
+
+def test_backup_cut_short_leaves_a_consistent_repository(local_repo: Repo, src: Path, tmp_path: Path):
+    """kill -9 of a backup once its first pack is stored: no manifest, verify is clean,
+    prune removes the orphan pack, and the next backup is whole."""
+    import subprocess
+    import sys
+    import time
+    import blocksnap
+    with blocksnap.Pool.open(str(src)) as pool:   # enough data for several packs
+        v = pool.volume("v")
+        v.resize(96 * M)
+        v.write(32 * M, os.urandom(60 * M))
+        v.snapshot("big")
+    r = local_repo
+    r.backup("v@s1")
+    root = Path(r.url[7:])
+    first = set((root / "data").iterdir())
+    env = dict(os.environ, **r.env, BLOCKSNAP_REPO=r.url)
+    proc = subprocess.Popen([sys.executable, "-m", "blocksnap", "--pool", str(src), "backup", "v@big"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and \
+            not [p for p in set((root / "data").iterdir()) - first if not p.name.startswith(".")]:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert len(r.list()) == 1
+    assert len(set((root / "data").iterdir()) - first) >= 1
+    r.cli("unlock")                                   # the killed backup's lock
+    r.cli("verify", "--read-data")
+    pruned = r.cli("prune", "--keep-last", "5", "--json").stdout
+    assert '"packs_deleted": ' in pruned and set((root / "data").iterdir()) == first
+    b = r.backup("v@big")
+    out = tmp_path / "big.raw"
+    r.cli("restore", b["id"], str(out), "--verify")
+    assert out.read_bytes() == export(src, "v@big", tmp_path / "x.raw")
+
+
+def test_s3_errors_are_one_line(s3_server: str, src: Path, tmp_path: Path):
+    from .conftest import S3_ENV
+    r = Repo(src, "s3://no-such-bucket/x", dict(S3_ENV, BLOCKSNAP_S3_ENDPOINT=s3_server))
+    assert_cli_error(r.cli("backup", "v@s1", check=False), 1, "no such bucket")
+    dead = Repo(src, "s3://b/x", dict(S3_ENV, BLOCKSNAP_S3_ENDPOINT="http://127.0.0.1:9"))
+    assert_cli_error(dead.cli("backups", check=False, timeout=120), 1, "failed")
+
+
+def test_snapshot_prune_applies_the_same_policy_locally(src: Path):
+    res = run_cli(src, "snapshot", "prune", "v", "--keep-last", "2", "--dry-run")
+    assert res.returncode == 0 and "would delete v@s1" in res.stdout
+    assert "v@s1" in run_cli(src, "snapshot", "list", "v").stdout
+    res = run_cli(src, "snapshot", "prune", "v", "--keep-last", "2")
+    assert res.returncode == 0 and "deleted v@s1" in res.stdout
+    names = run_cli(src, "snapshot", "list", "v").stdout
+    assert "v@s1" not in names and "v@s2" in names and "v@s3" in names
+    assert_cli_error(run_cli(src, "snapshot", "prune", "v"), 1, "no --keep")
