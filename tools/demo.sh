@@ -1,6 +1,7 @@
 #!/bin/bash
 # The blocksnap demo: a pool in ./demo/pool; an ext4 image imported, snapshotted,
-# changed, diffed, exported and sent to a second pool; a live volume attached as a loop device through
+# changed, diffed, exported, sent to a second pool and backed up to an encrypted
+# repository and restored; a live volume attached as a loop device through
 # FUSE, snapshotted with its filesystem frozen, a file pulled back from the
 # snapshot mounted read-only; rollback, scrub, check. Run as root on Debian:
 #     bash tools/demo.sh
@@ -57,6 +58,18 @@ run blocksnap --pool "$OFF" snapshot list
 run blocksnap --pool "$OFF" export vm1@after-upgrade "$DEMO/offsite-after.img"
 run blocksnap export vm1@after-upgrade "$DEMO/after.img"
 run cmp "$DEMO/offsite-after.img" "$DEMO/after.img" && echo "the copy in the second pool is identical"
+
+step "back both snapshots up to an encrypted repository (full, then incremental), restore one"
+export BLOCKSNAP_REPO=file://$DEMO/repo BLOCKSNAP_REPO_PASSWORD=demo-password
+run blocksnap backup vm1@before-upgrade
+run blocksnap backup vm1@after-upgrade
+run blocksnap backups
+LAST=$(blocksnap backups --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[-1]["id"])')
+run blocksnap restore "$LAST" "$DEMO/restored-after.img" --verify
+run cmp "$DEMO/restored-after.img" "$DEMO/after.img" && echo "the restored image is identical to the snapshot"
+run blocksnap verify --read-data
+run blocksnap prune --keep-last 1
+run e2fsck -fn "$DEMO/restored-after.img"
 
 step "a live volume as a block device: attach (FUSE + loop), make a filesystem, write files"
 MNT=$DEMO/mnt-live; RESTORE=$DEMO/mnt-restore; mkdir -p "$MNT" "$RESTORE"

@@ -35,9 +35,12 @@ def layers(ax):
         box(ax, 0.05, 0.78 - i * 0.2, 0.6, 0.15, t, c)
         if i:
             arrow(ax, (0.35, 0.78 - (i - 1) * 0.2), (0.35, 0.93 - i * 0.2))
-    for i, (t, c) in enumerate([("fuse/ (tree, daemon side)\nwrite-behind queue per\nlive image", "#eee"), ("hooks/", "#eee"), ("streams/ (send, receive)\nbackups: not built yet", "#eee")]):
-        box(ax, 0.72, 0.72 - i * 0.2, 0.25, 0.12, t, c, 8)
-    ax.text(0.845, 0.86, "subpackages", ha="center", fontsize=8, style="italic")
+    subs = [("fuse/ (tree, daemon side)\nwrite-behind queue per\nlive image", "#eee"), ("hooks/", "#eee"),
+            ("streams/ (send, receive)", "#eee"),
+            ("backup/ (reads a send stream;\npacks, manifests, prune;\nfile:// or S3)", "#eee")]
+    for i, (t, c) in enumerate(subs):
+        box(ax, 0.72, 0.74 - i * 0.155, 0.25, 0.13, t, c, 7)
+    ax.text(0.845, 0.885, "subpackages", ha="center", fontsize=8, style="italic")
     box(ax, 0.05, 0.0, 0.9, 0.12, "pool directory:  catalog.db (SQLite, WAL)  |  data (sparse file or --data device)\n"
         "lock (flock)  |  daemon.sock (0600)  |  daemon.log", "#f4f4f4", 8)
     ax.set_xlim(0, 1)
