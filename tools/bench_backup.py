@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Backups against restic on the same data, same machine, same run.
+
+The volume is bench_stream's mix (half random data, a quarter compressible text,
+a quarter holes) as v@s1; then a tenth of its blocks are rewritten as v@s2. Each
+round makes a fresh local repository for each tool, on the same disk:
+
+  full backup     blocksnap backup v@s1             vs  restic backup of v@s1 exported raw
+  incremental     blocksnap backup v@s2 (from the   vs  restic backup of v@s2 exported raw
+                  maps: only changed blocks read)       (restic re-reads the whole file)
+  restore         blocksnap restore (sparse, fsync) vs  restic restore, then fsync
+
+Page caches are dropped before every timed step (root). Exports for restic are not
+timed: restic gets the raw image for free. Both encrypt and compress (restic's
+repository format 2, compression auto). Ratios are restic time / blocksnap time:
+above 1 favours blocksnap. Usage: tools/bench_backup.py [--size 512M] [--repeat 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_stream import M, cli, make_source, timed  # noqa: E402
+from steady_memory import steady_memory  # noqa: E402
+
+from blocksnap.units import format_size, parse_size  # noqa: E402
+
+PASSWORD = "bench-password"
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def step(fn) -> float:
+    drop_caches()
+    return timed(fn)
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def fsync_tree(path: str) -> None:
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def restic(repo: str, *args: str) -> None:
+    env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, RESTIC_REPOSITORY=repo)
+    subprocess.run(["restic", "-q", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def round_(work: str, src: str, r: int) -> dict[str, float]:
+    d = os.path.join(work, f"r{r}")
+    os.makedirs(d)
+    os.environ.update(BLOCKSNAP_REPO=f"file://{d}/bs-repo", BLOCKSNAP_REPO_PASSWORD=PASSWORD)
+    rrepo, raw = os.path.join(d, "restic-repo"), os.path.join(d, "disk.raw")
+    restic(rrepo, "init")
+    out: dict[str, float] = {}
+    out["bs_full_s"] = step(lambda: cli(src, "backup", "v@s1"))
+    cli(src, "export", "v@s1", raw)
+    out["restic_full_s"] = step(lambda: restic(rrepo, "backup", raw))
+    out["bs_inc_s"] = step(lambda: cli(src, "backup", "v@s2"))
+    os.unlink(raw)
+    cli(src, "export", "v@s2", raw)
+    out["restic_inc_s"] = step(lambda: restic(rrepo, "backup", raw))
+    out["bs_repo_bytes"], out["restic_repo_bytes"] = du(f"{d}/bs-repo"), du(rrepo)
+    last = json.loads(subprocess.run([sys.executable, "-m", "blocksnap", "backups", "--json"], check=True,
+                                     capture_output=True, text=True).stdout)[-1]["id"]
+    out["bs_restore_s"] = step(lambda: cli(src, "restore", last, os.path.join(d, "bs.raw")))
+    rdir = os.path.join(d, "restic-out")
+    out["restic_restore_s"] = step(lambda: (restic(rrepo, "restore", "latest", "--target", rdir), fsync_tree(rdir)))
+    restored = os.path.join(rdir, raw.lstrip("/"))
+    if subprocess.run(["cmp", "-s", restored, os.path.join(d, "bs.raw")]).returncode != 0:
+        raise SystemExit("the two restores differ")
+    shutil.rmtree(d)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="512M")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if shutil.which("restic") is None:
+        raise SystemExit("needs restic (Debian: restic)")
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (drop_caches)")
+    size = parse_size(args.size) // (4 * M) * 4 * M
+    work = tempfile.mkdtemp(prefix="bench-backup-", dir="/var/tmp")
+    try:
+        with steady_memory(max(8 << 30, 12 * size), quiet=args.json) as mem_note:
+            src = make_source(work, size)
+            runs = [round_(work, src, r) for r in range(args.repeat)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    if args.json:
+        print(json.dumps({"size": size, "memory": mem_note, "median": med, "runs": runs}, indent=2))
+        return
+    print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes; then 1/10 of blocks rewritten), "
+          f"median of {args.repeat}; {mem_note}\n")
+    print("| step | blocksnap | restic 0.14 | restic time / blocksnap time |")
+    print("|---|---|---|---|")
+    for name, key in (("full backup", "full"), ("incremental backup", "inc"), ("restore (latest)", "restore")):
+        b, r = med[f"bs_{key}_s"], med[f"restic_{key}_s"]
+        print(f"| {name} | {b:.2f} s | {r:.2f} s | **{r / b:.2f}** |")
+    print(f"| repository after both backups | {format_size(int(med['bs_repo_bytes']))} | "
+          f"{format_size(int(med['restic_repo_bytes']))} | size ratio {med['restic_repo_bytes'] / med['bs_repo_bytes']:.2f} |")
+    for k in range(len(runs)):
+        print(f"\nround {k + 1}: " + ", ".join(f"{n} {v:.2f}" for n, v in runs[k].items() if n.endswith("_s")), end="")
+    print()
+
+
+if __name__ == "__main__":
+    main()
