@@ -1,6 +1,7 @@
 """Backups end to end through the real CLI: to a local directory and to an S3 server."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,7 +27,6 @@ def test_full_incremental_differential_restore_bit_for_bit(repo: Repo, src: Path
     assert b3["mode"] == "differential" and b3["base"] == b1["id"]
     # read from the maps: only what changed since the base is read
     diff12 = run_cli(src, "snapshot", "diff", "v@s1", "v@s2", "--json").stdout
-    import json
     changed = json.loads(diff12)["changed_bytes"]
     assert 0 < b2["stats"]["read_bytes"] <= changed < b1["stats"]["read_bytes"] + changed
     assert b2["stats"]["new_chunks"] < b1["stats"]["new_chunks"]
@@ -105,7 +105,6 @@ def test_damage_is_found_and_never_restored(local_repo: Repo, tmp_path: Path):
 
 
 def test_prune_keeps_what_the_policy_says_and_frees_the_rest(local_repo: Repo, src: Path, tmp_path: Path):
-    import json
     import blocksnap
     with blocksnap.Pool.open(str(src)) as pool:
         w = pool.create_volume("w", size=8 * M)
@@ -136,18 +135,90 @@ def test_prune_keeps_what_the_policy_says_and_frees_the_rest(local_repo: Repo, s
         out.unlink()
 
 
-def test_a_lock_left_by_a_dead_prune_blocks_until_unlocked(local_repo: Repo):
+def test_locks_of_dead_and_foreign_holders(local_repo: Repo):
+    import socket
+    import subprocess
+    r = local_repo
+    r.backup("v@s1")
+    locks = Path(r.url[7:]) / "locks"
+    locks.mkdir(exist_ok=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                       # a pid of this host that no longer runs
+    (locks / "1-dead").write_text(json.dumps({"op": "prune", "exclusive": True, "pid": gone.pid,
+                                              "host": socket.gethostname(), "time": 0}))
+    err = assert_cli_error(r.cli("backup", "v@s2", check=False), 1, "locked by prune")
+    assert "`blocksnap unlock` removes" in err
+    assert "removed 1 locks" in r.cli("unlock").stdout
+    (locks / "2-far").write_text(json.dumps({"op": "backup", "exclusive": False, "pid": 1, "host": "elsewhere",
+                                             "time": 0}))
+    assert_cli_error(r.cli("prune", "--keep-last", "1", check=False), 1, "unlock --all")
+    assert len(r.list()) == 1
+    out = r.cli("unlock").stdout                      # a live or foreign holder's lock stays
+    assert "removed 0 locks; kept 1" in out and (locks / "2-far").exists()
+    r.cli("backup", "v@s2")                           # a shared lock does not stop a backup
+    assert_cli_error(r.cli("prune", "--keep-last", "1", check=False), 1, "locked by backup")
+    r.cli("unlock", "--all")
+    r.cli("prune", "--keep-last", "1")
+    assert len(r.list()) == 1
+
+
+def test_never_a_manifest_naming_missing_chunks(local_repo: Repo, tmp_path: Path):
+    """A base whose packs went (a prune run under a backup, by hand): the next
+    backup refuses to name them instead of making a backup that cannot restore."""
     r = local_repo
     r.backup("v@s1")
     root = Path(r.url[7:])
-    (root / "locks").mkdir(exist_ok=True)
-    (root / "locks" / "1-dead").write_text('{"op": "prune", "exclusive": true, "pid": 1, "host": "x", "time": 0}')
-    assert_cli_error(r.cli("backup", "v@s2", check=False), 1, "locked by prune")
-    assert_cli_error(r.cli("prune", "--keep-last", "1", check=False), 1, "blocksnap unlock")
+    for d in ("data", "index"):
+        for p in (root / d).iterdir():
+            p.unlink()
+    assert_cli_error(r.cli("backup", "v@s2", check=False), 1, "not stored; no backup made")
     assert len(r.list()) == 1
-    r.cli("unlock")
-    r.cli("backup", "v@s2")
-    assert len(r.list()) == 2
+    b = r.backup("v@s2", "--mode", "full")           # a full one stores everything again
+    out = tmp_path / "r.raw"
+    r.cli("restore", b["id"], str(out), "--verify")
+
+
+def test_older_snapshot_and_other_pools_make_full_backups(local_repo: Repo, tmp_path: Path):
+    from tests.conftest import history_pool
+    r = local_repo
+    r.backup("v@s2")
+    old = r.backup("v@s1")                            # older than the last backup's snapshot
+    assert old["mode"] == "full" and "newer snapshot" in old["note"]
+    other = Repo(history_pool(tmp_path / "pool2"), r.url, {})   # same volume name, another pool
+    b = other.backup("v@s3")
+    assert b["mode"] == "full" and "no earlier backup" in b["note"]
+    res = json.loads(r.cli("prune", "--keep-last", "1", "--json").stdout)   # per pool and volume
+    assert b["id"] in res["kept"] and len(res["kept"]) == 2
+    out = tmp_path / "r.raw"
+    other.cli("restore", b["id"], str(out), "--verify")
+    assert out.read_bytes() == export(other.pool, "v@s3", tmp_path / "x.raw")
+
+
+def test_two_processes_creating_one_repository_agree_on_its_key(tmp_path: Path):
+    import threading
+    from blocksnap.backup.repo import Repository
+    url = f"file://{tmp_path / 'repo'}"
+    got, errors = [], []
+
+    def make():
+        try:
+            repo, _ = Repository.open(url, lambda new: b"pw", create=True)
+            repo.write_pack([(repo.keys.chunk_id(b"x" * 99), repo.chunk_blob(repo.keys.chunk_id(b"x" * 99), b"x" * 99))])
+            got.append(repo)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(got) == 4
+    fresh, created = Repository.open(url, lambda new: b"pw")
+    assert not created and fresh.load_index() == 1    # every pack's index opens with the one key
+
+
+def test_malformed_endpoint(src: Path):
+    r = Repo(src, "s3://b/x", {"BLOCKSNAP_S3_ENDPOINT": "minio:9000", "AWS_ACCESS_KEY_ID": "a",
+                               "AWS_SECRET_ACCESS_KEY": "b"})
+    assert_cli_error(r.cli("backups", check=False), 1, "invalid S3 endpoint")
 
 
 def test_backup_cut_short_leaves_a_consistent_repository(local_repo: Repo, src: Path, tmp_path: Path):
@@ -177,7 +248,7 @@ def test_backup_cut_short_leaves_a_consistent_repository(local_repo: Repo, src: 
     proc.wait()
     assert len(r.list()) == 1
     assert len(set((root / "data").iterdir()) - first) >= 1
-    r.cli("unlock")                                   # the killed backup's lock
+    r.cli("unlock")                                   # the killed backup's lock (its pid is gone)
     r.cli("verify", "--read-data")
     pruned = r.cli("prune", "--keep-last", "5", "--json").stdout
     assert '"packs_deleted": ' in pruned and set((root / "data").iterdir()) == first
@@ -204,3 +275,16 @@ def test_snapshot_prune_applies_the_same_policy_locally(src: Path):
     names = run_cli(src, "snapshot", "list", "v").stdout
     assert "v@s1" not in names and "v@s2" in names and "v@s3" in names
     assert_cli_error(run_cli(src, "snapshot", "prune", "v"), 1, "no --keep")
+
+
+def test_s3_objects_written_only_if_absent(s3_server: str, monkeypatch):
+    import boto3
+    from blocksnap.backup.backends import open_backend
+    from .conftest import S3_ENV
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="once")
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    b = open_backend("s3://once/p", s3_server)
+    assert b.put_new("config", b"first") and not b.put_new("config", b"second")
+    assert b.get("config") == b"first"

@@ -19,10 +19,15 @@ class RepoError(BlocksnapError):
     """The repository's storage failed or refused (network, permissions, missing bucket)."""
 
 
+class _Exists(RepoError):
+    """A conditional write found the object already there."""
+
+
 class Backend(Protocol):
     url: str
 
     def put(self, key: str, data: bytes) -> None: ...
+    def put_new(self, key: str, data: bytes) -> bool: ...   # False: the key exists (nothing written)
     def get(self, key: str) -> bytes: ...
     def list(self, prefix: str) -> dict[str, int]: ...   # key -> size
     def delete(self, key: str) -> None: ...
@@ -37,6 +42,17 @@ class LocalBackend:
         return os.path.join(self.root, *key.split("/"))
 
     def put(self, key: str, data: bytes) -> None:
+        self._write(key, data, os.rename)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        try:
+            self._write(key, data, os.link)   # link, unlike rename, never replaces
+        except FileExistsError:
+            return False
+        return True
+
+    def _write(self, key: str, data: bytes, publish) -> None:
+        """Written aside and fsynced, then published whole under its name."""
         path = self._path(key)
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
@@ -46,16 +62,11 @@ class LocalBackend:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, path)
-        except BaseException:
+            publish(tmp, path)
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(d)
 
     def get(self, key: str) -> bytes:
         try:
@@ -77,8 +88,11 @@ class LocalBackend:
         return out
 
     def delete(self, key: str) -> None:
+        """Durable when it returns: prune's order of deletions must survive a power cut."""
+        path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(key))
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path))
 
     def sweep(self) -> int:
         n = 0
@@ -91,14 +105,25 @@ class LocalBackend:
         return n
 
 
+def _fsync_dir(d: str) -> None:
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class S3Backend:
     def __init__(self, bucket: str, prefix: str, endpoint: str | None, url: str):
         import boto3
         from botocore.config import Config
         self.bucket, self.prefix, self.url = bucket, prefix.strip("/"), url
-        self.s3 = boto3.client("s3", endpoint_url=endpoint,
-                               config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                                             connect_timeout=10, read_timeout=60))
+        try:
+            self.s3 = boto3.client("s3", endpoint_url=endpoint,
+                                   config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                 connect_timeout=10, read_timeout=60))
+        except ValueError as e:     # a malformed --endpoint
+            raise InvalidArgument(f"invalid S3 endpoint {endpoint!r}: {e}") from None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -111,6 +136,8 @@ class S3Backend:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404") and "Key" in kw:
                 raise NotFound(f"{self.url}: object {kw['Key']} is missing") from None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise _Exists() from None
             if code == "NoSuchBucket":
                 raise RepoError(f"{self.url}: no such bucket {self.bucket!r}") from None
             raise RepoError(f"{self.url}: {what} failed: {code or e}") from None
@@ -119,6 +146,13 @@ class S3Backend:
 
     def put(self, key: str, data: bytes) -> None:
         self._call(f"writing {key}", self.s3.put_object, Key=self._key(key), Body=data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        try:
+            self._call(f"writing {key}", self.s3.put_object, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except _Exists:
+            return False
+        return True
 
     def get(self, key: str) -> bytes:
         res = self._call(f"reading {key}", self.s3.get_object, Key=self._key(key))

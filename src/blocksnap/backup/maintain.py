@@ -21,6 +21,11 @@ REPACK_BELOW = 0.5    # rewrite a pack whose live share of bytes is below this
 
 
 def verify(repo: Repository, read_data: bool = False, progress: Progress = None) -> dict[str, Any]:
+    with repo.lock("verify"):     # a prune rewriting packs meanwhile would look like damage
+        return _verify(repo, read_data, progress)
+
+
+def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, Any]:
     problems: list[str] = []
     packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
     indexes = [k.split("/", 1)[1] for k in repo.backend.list("index")]
@@ -83,9 +88,9 @@ def verify(repo: Repository, read_data: bool = False, progress: Progress = None)
 def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
     with repo.lock("prune", exclusive=not dry_run):
         manifests = repo.manifests()
-        by_volume: dict[str, list] = defaultdict(list)
+        by_volume: dict[tuple, list] = defaultdict(list)
         for m in manifests:
-            by_volume[m.volume].append(m)
+            by_volume[m.group].append(m)
         keep: dict[str, list[str]] = {}
         remove: list[str] = []
         for ms in by_volume.values():

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import BlocksnapError, InvalidArgument
-from ..streams.format import DATA, StreamError, StreamReader
+from ..errors import BlocksnapError, CorruptionError, InvalidArgument
+from ..streams.format import DATA, StreamError, StreamReader, StreamTruncated
 from ..units import split_snapshot_ref
 from .crypto import ID_BYTES
 from .manifest import Manifest, chunk_count, new_backup_id
@@ -31,39 +31,50 @@ Created = Callable[[str], float | None]      # a snapshot's creation time, None 
 Progress = Callable[[int, int], None] | None
 
 
-def choose_base(repo: Repository, vname: str, sname: str, mode: str,
+def choose_base(repo: Repository, origin: dict[str, str], vname: str, sname: str, mode: str,
                 created: Created) -> tuple[Manifest | None, str | None]:
-    """The backup to build on for this mode, or None (then a full one), with a note why."""
+    """The backup to build on for this mode, or None (then a full one), with a note why.
+    Only backups of this volume of this pool on this host count (`origin`)."""
     if mode not in MODES:
         raise InvalidArgument(f"invalid mode {mode!r}: use {', '.join(MODES)}")
     if mode == "full":
         return None, None
-    mine = [m for m in repo.manifests() if m.volume == vname]
+    mine = [m for m in repo.manifests() if m.group == (origin["host"], origin["pool"], vname)]
     if mode == "differential":
         mine = [m for m in mine if m.info["mode"] == "full"]
     if not mine:
         return None, f"no earlier {'full ' if mode == 'differential' else ''}backup of {vname}: making a full one"
     base = mine[-1]
     src = base.info["source"]
-    if src["snapshot"] == sname and created(f"{vname}@{sname}") == src["created"]:
+    this = created(f"{vname}@{sname}")
+    if src["snapshot"] == sname and this == src["created"]:
         raise InvalidArgument(f"{vname}@{sname} is already backed up, as {base.id}")
     if created(f"{vname}@{src['snapshot']}") != src["created"]:
         return None, (f"{vname}@{src['snapshot']}, the snapshot of backup {base.id}, is gone or was "
                       f"made again: reading the whole snapshot (a full backup)")
+    if this is not None and src["created"] >= this:
+        return None, (f"the last backup ({base.id}) is of a newer snapshot, {vname}@{src['snapshot']}: "
+                      f"reading the whole snapshot (a full backup)")
     return base, None
 
 
-def make_backup(repo: Repository, ref: str, mode: str, produce: Producer, created: Created,
-                progress: Progress = None) -> dict[str, Any]:
+def make_backup(repo: Repository, origin: dict[str, str], ref: str, mode: str, produce: Producer,
+                created: Created, progress: Progress = None) -> dict[str, Any]:
     vname, sname = split_snapshot_ref(ref)
     if created(ref) is None:
         raise BlocksnapError(f"no snapshot {ref}")
-    base, note = choose_base(repo, vname, sname, mode, created)
-    repo.load_index()
+    # under the lock from the first look: a prune must not delete, between our
+    # reading of the indexes and our manifest, chunks we count as stored
     with repo.lock("backup"):
+        base, note = choose_base(repo, origin, vname, sname, mode, created)
+        repo.load_index()
         info, ids, stats = _run(repo, produce, base, vname, sname, progress)
+        lost = {bytes(c) for c in ids[ids.any(axis=1)]} - repo.where.keys()
+        if lost:   # never write a manifest that names a chunk the repository lacks
+            raise CorruptionError(f"{repo.url}: {len(lost)} chunks of {ref} are not stored; no backup made "
+                                  f"(was the repository pruned or unlocked under a running backup?)")
         m = Manifest(dict(info, id=new_backup_id(), time=time.time(), mode="full" if base is None else mode,
-                          requested_mode=mode, base=base.id if base else None, stats=stats), ids)
+                          requested_mode=mode, base=base.id if base else None, stats=stats, **origin), ids)
         repo.write_manifest(m)
     return dict(m.info, note=note)
 
@@ -90,7 +101,7 @@ def _run(repo: Repository, produce: Producer, base: Manifest | None, vname: str,
         finally:
             src.close()            # a sender still writing gets EPIPE instead of waiting
             t.join()
-    except StreamError:
+    except StreamTruncated:
         if failure:                # the stream ended because its sender failed: say why
             raise failure[0].with_traceback(None) from None
         raise

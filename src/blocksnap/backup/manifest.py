@@ -35,6 +35,12 @@ class Manifest:
     def volume(self) -> str:
         return self.info["source"]["volume"]
 
+    @property
+    def group(self) -> tuple[str, str, str]:
+        """Whose backup this is: host, pool path, volume. Incremental bases and
+        retention never mix two pools' volumes that share a name."""
+        return (self.info.get("host", ""), self.info.get("pool", ""), self.volume)
+
     def encode(self) -> bytes:
         body = json.dumps(self.info, sort_keys=True).encode()
         return zstandard.ZstdCompressor(level=3).compress(_LEN.pack(len(body)) + body + self.ids.tobytes())

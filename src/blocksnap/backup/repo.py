@@ -54,8 +54,9 @@ class Repository:
             if not create:
                 raise NotFound(f"no blocksnap repository at {url}") from None
             keys, config = Keys.create(password(True), os.urandom(16).hex())
-            backend.put("config", json.dumps(config, indent=1).encode())
-            return cls(backend, keys, config), True
+            if backend.put_new("config", json.dumps(config, indent=1).encode()):
+                return cls(backend, keys, config), True
+            raw = backend.get("config")   # another process made it first: use theirs
         config = parse_config(raw, url)
         return cls(backend, Keys.unlock(config, password(False), url), config), False
 
@@ -167,18 +168,40 @@ class Repository:
             clash = [lk for lk in others if exclusive or lk.get("exclusive")]
             if clash:
                 lk = clash[0]
+                hint = ("it is gone: `blocksnap unlock` removes its lock" if stale(lk) else
+                        "if it is gone (killed, or its host is down), `blocksnap unlock --all` removes the locks")
                 raise Busy(f"{self.url} is locked by {lk.get('op')} (pid {lk.get('pid')} on {lk.get('host')}, "
                            f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(lk.get('time', 0)))}); "
-                           f"if that is gone, remove it with `blocksnap unlock --repo {self.url}`")
+                           f"{hint}")
             yield
         finally:
             self.backend.delete(mine)
 
-    def unlock_all(self) -> int:
-        keys = list(self.backend.list("locks"))
-        for key in keys:
-            self.backend.delete(key)
-        return len(keys)
+    def unlock(self, everything: bool = False) -> tuple[int, int]:
+        """Remove stale locks (this host, process gone), or all with `everything`:
+        (removed, kept). A lock of a live backup must stay, or a prune could
+        delete what that backup is about to name."""
+        removed = kept = 0
+        for lk in self.locks():
+            if everything or stale(lk):
+                self.backend.delete(lk["key"])
+                removed += 1
+            else:
+                kept += 1
+        return removed, kept
+
+
+def stale(lock: dict) -> bool:
+    """Held by a process of this host that no longer runs."""
+    if lock.get("host") != socket.gethostname() or not isinstance(lock.get("pid"), int):
+        return False
+    try:
+        os.kill(lock["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def new_lock_name() -> str:

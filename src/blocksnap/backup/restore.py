@@ -46,6 +46,11 @@ def _open_target(target: str, size: int) -> tuple[int, bool]:
 
 def restore(repo: Repository, ident: str, target: str, verify: bool = False,
             progress: Progress = None) -> dict[str, Any]:
+    with repo.lock("restore"):    # a prune must not rewrite the packs under it
+        return _restore(repo, ident, target, verify, progress)
+
+
+def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: Progress) -> dict[str, Any]:
     m = repo.manifest(ident)
     repo.load_index()
     bs, size = m.info["chunk_size"], m.info["size"]
@@ -69,7 +74,7 @@ def restore(repo: Repository, ident: str, target: str, verify: bool = False,
             for cid, off, ln, where in by_pack[pack]:
                 data = repo.open_chunk(cid, blob[off:off + ln], f"{repo.url}: chunk {cid.hex()} in pack {pack}")
                 for i in where:
-                    os.pwrite(fd, data[:max(0, min(bs, size - i * bs))], i * bs)
+                    _pwrite_all(fd, data[:max(0, min(bs, size - i * bs))], i * bs)
                     done += len(data)
                 if progress:
                     progress(min(done, size), size)
@@ -93,7 +98,16 @@ def _zero_holes(fd: int, m: Manifest, bs: int, size: int) -> None:
     for s, c in mask_runs(~m.ids.any(axis=1)):
         at, end = s * bs, min((s + c) * bs, size)
         while at < end:
-            at += os.pwrite(fd, zero[:min(len(zero), end - at)], at)
+            n = min(len(zero), end - at)
+            _pwrite_all(fd, zero[:n], at)
+            at += n
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _verify(repo: Repository, m: Manifest, target: str) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
@@ -83,7 +84,8 @@ def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, pa
         click.echo(f"initialised the repository {repo_url}", err=True)
 
     with progress_bar(settings, f"backup {ref}") as prog:
-        res = make_backup(repo, ref, mode,
+        origin = {"host": socket.gethostname(), "pool": os.path.abspath(settings.pool)}
+        res = make_backup(repo, origin, ref, mode,
                           lambda fd, base: call(settings.pool, "send", ref=ref, fd=fd, base=base),
                           snapshot_created, prog)
     if res.get("note") and not settings.quiet:
@@ -147,7 +149,7 @@ def verify(settings: Settings, repo_url: str, endpoint: str | None, password_fil
     emit(res, as_json, None if settings.quiet else
          f"{res['backups']} backups, {res['packs']} packs, {res['chunks']} chunks{read}: {found}")
     if res["problems"]:
-        for p in res["problems"]:
+        for p in res["problems"] if not as_json else []:   # with --json they are in the JSON
             click.echo(f"problem: {p}")
         raise BlocksnapError(f"{len(res['problems'])} problems in {repo_url}")
 
@@ -179,13 +181,17 @@ def prune(settings: Settings, repo_url: str, endpoint: str | None, password_file
 
 @click.command("unlock")
 @repo_options
+@click.option("--all", "everything", is_flag=True,
+              help="Also remove locks of other hosts and of running processes (make sure they are gone).")
 @pass_settings
-def unlock(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None) -> None:
-    """Remove a repository's locks, left by a backup or prune that was killed."""
+def unlock(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None,
+           everything: bool) -> None:
+    """Remove the locks a killed backup, restore or prune left in a repository."""
     repo, _ = _open(repo_url, endpoint, password_file)
-    n = repo.unlock_all()
+    removed, kept = repo.unlock(everything)
     if not settings.quiet:
-        click.echo(f"removed {n} locks")
+        click.echo(f"removed {removed} locks" + (f"; kept {kept} held by running processes or other hosts "
+                                                 "(--all removes them)" if kept else ""))
 
 
 COMMANDS = [backup, restore, backups, verify, prune, unlock]

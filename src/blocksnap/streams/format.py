@@ -42,6 +42,10 @@ class StreamError(InvalidArgument):
     """The input is not a valid blocksnap stream, or is damaged."""
 
 
+class StreamTruncated(StreamError):
+    """The stream stopped before its end record (its writer may have failed)."""
+
+
 @dataclass
 class Record:
     kind: int
@@ -116,7 +120,7 @@ class StreamReader:
         while got < n:
             b = self.src.read(n - got)
             if not b:
-                raise StreamError(f"the stream ends early, in {what} (after {self.read_bytes + got} bytes)")
+                raise StreamTruncated(f"the stream ends early, in {what} (after {self.read_bytes + got} bytes)")
             parts.append(b)
             got += len(b)
         data = b"".join(parts) if len(parts) != 1 else parts[0]
