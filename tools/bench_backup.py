@@ -69,7 +69,7 @@ def round_(work: str, src: str, r: int) -> dict[str, float]:
     os.makedirs(d)
     os.environ.update(BLOCKSNAP_REPO=f"file://{d}/bs-repo", BLOCKSNAP_REPO_PASSWORD=PASSWORD)
     rrepo, raw = os.path.join(d, "restic-repo"), os.path.join(d, "disk.raw")
-    restic(rrepo, "init")
+    restic(rrepo, "init", "--repository-version", "2")   # 2: compressed ("stable" is 1 in 0.14)
     out: dict[str, float] = {}
     out["bs_full_s"] = step(lambda: cli(src, "backup", "v@s1"))
     cli(src, "export", "v@s1", raw)
