@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -20,9 +19,10 @@ import numpy as np
 from ..errors import BlocksnapError, CorruptionError, InvalidArgument
 from ..streams.format import DATA, StreamError, StreamReader, StreamTruncated
 from ..units import split_snapshot_ref
+from .chunker import Chunker
 from .crypto import ID_BYTES
 from .manifest import Manifest, chunk_count, new_backup_id
-from .repo import PACK_TARGET, Repository
+from .repo import Repository
 
 MODES = ("full", "incremental", "differential")
 # (write end of a pipe, base snapshot or None) -> the send's report; runs in a thread
@@ -120,43 +120,23 @@ def _consume(repo: Repository, reader: StreamReader, base: Manifest | None, vnam
     if base is not None:
         keep = min(n, len(base.ids))
         ids[:keep] = base.ids[:keep]
-    keys = repo.keys
-    pending: list[tuple[bytes, bytes]] = []
-    pending_bytes = 0
-    queued: set[bytes] = set()
-    st = {"read_bytes": 0, "chunks_read": 0, "new_chunks": 0, "new_bytes": 0, "packs": 0}
+    read = 0
     total = int(hdr.get("scan_bytes") or size)
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+    chunker = Chunker(repo, ids, bs)
+    try:
         for rec in reader.records():
             first = rec.offset // bs
             if rec.kind != DATA:
                 ids[first:first + chunk_count(rec.length, bs)] = 0
                 continue
-            mv = memoryview(rec.data)
-            pieces = [mv[i:i + bs] for i in range(0, len(mv), bs)]
-            cids = list(pool.map(keys.chunk_id, pieces))
-            ids[first:first + len(pieces)] = np.frombuffer(b"".join(cids), np.uint8).reshape(-1, ID_BYTES)
-            new = []
-            for cid, piece in zip(cids, pieces):
-                if cid not in repo.where and cid not in queued:
-                    queued.add(cid)
-                    new.append((cid, piece))
-            for cid, blob in zip([c for c, _ in new], pool.map(lambda cp: repo.chunk_blob(*cp), new)):
-                pending.append((cid, blob))
-                st["new_chunks"] += 1
-                st["new_bytes"] += len(blob)
-                pending_bytes += len(blob)
-            if pending_bytes >= PACK_TARGET:
-                repo.write_pack(pending)
-                st["packs"] += 1
-                pending, pending_bytes = [], 0
-            st["read_bytes"] += rec.length
-            st["chunks_read"] += len(pieces)
+            chunker.add(first, rec.data)
+            read += rec.length
             if progress:
-                progress(min(st["read_bytes"], total), total)
-    if pending:
-        repo.write_pack(pending)
-        st["packs"] += 1
+                progress(min(read, total), total)
+        chunker.finish()
+    finally:
+        chunker.close()
+    st = dict(chunker.stats, read_bytes=read)
     info = {"source": hdr["source"], "size": size, "chunk_size": bs, "chunks": n,
             "labels": hdr.get("labels") or {}, "consistency": hdr.get("consistency")}
     return info, ids, st

@@ -12,6 +12,7 @@ import contextlib
 import os
 import stat
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -68,16 +69,31 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
         by_pack[pack].append((cid, off, ln, where))
     fd, is_dev = _open_target(target, size)
     done = 0
+
+    def one_pack(pack: str) -> int:
+        """Fetch a pack, check and write its chunks; bytes written. Packs go in
+        parallel: decrypting, decompressing and hashing release the GIL."""
+        blob = memoryview(repo.backend.get(f"data/{pack}"))
+        n = 0
+        for cid, off, ln, where in by_pack[pack]:
+            data = repo.open_chunk(cid, blob[off:off + ln], f"{repo.url}: chunk {cid.hex()} in pack {pack}")
+            for i in where:
+                _pwrite_all(fd, data[:max(0, min(bs, size - i * bs))], i * bs)
+                n += len(data)
+        return n
+
     try:
-        for pack in sorted(by_pack):
-            blob = memoryview(repo.backend.get(f"data/{pack}"))
-            for cid, off, ln, where in by_pack[pack]:
-                data = repo.open_chunk(cid, blob[off:off + ln], f"{repo.url}: chunk {cid.hex()} in pack {pack}")
-                for i in where:
-                    _pwrite_all(fd, data[:max(0, min(bs, size - i * bs))], i * bs)
-                    done += len(data)
-                if progress:
-                    progress(min(done, size), size)
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool:
+            futures = [pool.submit(one_pack, p) for p in sorted(by_pack)]
+            try:
+                for f in futures:
+                    done += f.result()
+                    if progress:
+                        progress(min(done, size), size)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
         if is_dev:
             _zero_holes(fd, m, bs, size)
         os.fsync(fd)

@@ -1,0 +1,92 @@
+"""Stream records to stored chunks, in parallel and in a pipeline.
+
+Hashing, compressing and encrypting a record's chunks runs on worker threads
+(BLAKE2b, zstd and AES-GCM all release the GIL) while the caller reads the next
+records, and finished packs are written by one more thread while the workers go
+on: on S3 an upload takes as long as the work that filled it. At most WINDOW
+records and UPLOADS packs are in flight, so memory stays bounded.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from .crypto import ID_BYTES
+from .repo import PACK_TARGET, Repository
+
+WINDOW = 8       # records being worked on
+UPLOADS = 2      # packs being written
+
+
+class Chunker:
+    def __init__(self, repo: Repository, ids: np.ndarray, chunk_size: int):
+        self.repo, self.ids, self.bs = repo, ids, chunk_size
+        self.stats = {"chunks_read": 0, "new_chunks": 0, "new_bytes": 0, "packs": 0}
+        self._seen: set[bytes] = set()         # IDs stored or queued by this backup
+        self._lock = threading.Lock()
+        self._work = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
+        self._upload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
+        self._window: collections.deque[tuple[int, Future]] = collections.deque()
+        self._uploads: collections.deque[Future] = collections.deque()
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
+
+    def add(self, first: int, data: bytes) -> None:
+        """The record whose first chunk is chunk `first` (data may end mid-chunk)."""
+        self._window.append((first, self._work.submit(self._record, data)))
+        while len(self._window) > WINDOW:
+            self._finish_oldest()
+
+    def _record(self, data: bytes) -> list[tuple[bytes, bytes | None]]:
+        """(ID, sealed blob or None when already stored) for each chunk of a record."""
+        mv = memoryview(data)
+        out = []
+        for i in range(0, len(mv), self.bs):
+            piece = mv[i:i + self.bs]
+            cid = self.repo.keys.chunk_id(piece)
+            with self._lock:
+                new = cid not in self._seen and cid not in self.repo.where
+                self._seen.add(cid)
+            out.append((cid, self.repo.chunk_blob(cid, piece) if new else None))
+        return out
+
+    def _finish_oldest(self) -> None:
+        first, fut = self._window.popleft()
+        done = fut.result()
+        self.ids[first:first + len(done)] = np.frombuffer(b"".join(c for c, _ in done), np.uint8).reshape(-1, ID_BYTES)
+        self.stats["chunks_read"] += len(done)
+        for cid, blob in done:
+            if blob is not None:
+                self._pending.append((cid, blob))
+                self._pending_bytes += len(blob)
+                self.stats["new_chunks"] += 1
+                self.stats["new_bytes"] += len(blob)
+        if self._pending_bytes >= PACK_TARGET:
+            self._send_pack()
+
+    def _send_pack(self) -> None:
+        self._uploads.append(self._upload.submit(self.repo.write_pack, self._pending))
+        self.stats["packs"] += 1
+        self._pending, self._pending_bytes = [], 0
+        while len(self._uploads) > UPLOADS:
+            self._uploads.popleft().result()
+
+    def finish(self) -> None:
+        """Everything added is stored (or raised)."""
+        while self._window:
+            self._finish_oldest()
+        if self._pending:
+            self._send_pack()
+        while self._uploads:
+            self._uploads.popleft().result()
+
+    def close(self) -> None:
+        """Stop the threads; after an error, work in flight is dropped."""
+        for f in self._window:
+            f.cancel()
+        self._work.shutdown(wait=True, cancel_futures=True)
+        self._upload.shutdown(wait=True, cancel_futures=True)
