@@ -288,3 +288,20 @@ def test_s3_objects_written_only_if_absent(s3_server: str, monkeypatch):
     b = open_backend("s3://once/p", s3_server)
     assert b.put_new("config", b"first") and not b.put_new("config", b"second")
     assert b.get("config") == b"first"
+
+
+def test_a_pack_that_cannot_be_written_fails_the_backup_cleanly(local_repo: Repo):
+    """An error on the pack-writing thread reaches the command as one line, with no
+    manifest written and no thread left hanging."""
+    r = local_repo
+    r.backup("v@s1")
+    data = Path(r.url[7:]) / "data"
+    data.rename(data.with_name("data.away"))
+    data.write_bytes(b"not a directory")
+    assert_cli_error(r.cli("backup", "v@s2", check=False, timeout=60), 1)
+    assert len(r.list()) == 1
+    data.unlink()
+    data.with_name("data.away").rename(data)
+    assert not list((data.parent / "locks").iterdir())   # its lock went with it
+    r.cli("verify", "--read-data")
+    assert r.backup("v@s2")["mode"] == "incremental"
