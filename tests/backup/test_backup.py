@@ -305,3 +305,21 @@ def test_a_pack_that_cannot_be_written_fails_the_backup_cleanly(local_repo: Repo
     assert not list((data.parent / "locks").iterdir())   # its lock went with it
     r.cli("verify", "--read-data")
     assert r.backup("v@s2")["mode"] == "incremental"
+
+
+def test_progress_on_a_terminal_and_quiet_otherwise(local_repo: Repo, monkeypatch, tmp_path: Path):
+    from tests.cli.test_cli import _run_with_tty_stderr
+    r = local_repo
+    for k, v in dict(r.env, BLOCKSNAP_REPO=r.url).items():
+        monkeypatch.setenv(k, v)
+    code, out, tty = _run_with_tty_stderr(r.pool, "backup", "v@s1")
+    assert code == 0 and b"backup v@s1" in tty and out.startswith(b"backup ") and b"\x1b" not in out
+    res = r.cli("-q", "backup", "v@s2")
+    assert res.stdout == "" and res.stderr == ""
+    piped = r.cli("backup", "v@s3")
+    assert "\x1b" not in piped.stdout + piped.stderr and len(piped.stdout.splitlines()) == 1
+    bid = r.list()[-1]["id"]
+    code, out, tty = _run_with_tty_stderr(r.pool, "restore", bid, tmp_path / "r.raw")
+    assert code == 0 and f"restore {bid}".encode() in tty
+    code, out, tty = _run_with_tty_stderr(r.pool, "verify", "--read-data")
+    assert code == 0 and b"verify" in tty
