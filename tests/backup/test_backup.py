@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,7 +140,6 @@ def test_prune_keeps_what_the_policy_says_and_frees_the_rest(local_repo: Repo, s
 
 def test_locks_of_dead_and_foreign_holders(local_repo: Repo):
     import socket
-    import subprocess
     r = local_repo
     r.backup("v@s1")
     locks = Path(r.url[7:]) / "locks"
@@ -224,8 +226,6 @@ def test_malformed_endpoint(src: Path):
 def test_backup_cut_short_leaves_a_consistent_repository(local_repo: Repo, src: Path, tmp_path: Path):
     """kill -9 of a backup once its first pack is stored: no manifest, verify is clean,
     prune removes the orphan pack, and the next backup is whole."""
-    import subprocess
-    import sys
     import time
     import blocksnap
     with blocksnap.Pool.open(str(src)) as pool:   # enough data for several packs
@@ -323,3 +323,33 @@ def test_progress_on_a_terminal_and_quiet_otherwise(local_repo: Repo, monkeypatc
     assert code == 0 and f"restore {bid}".encode() in tty
     code, out, tty = _run_with_tty_stderr(r.pool, "verify", "--read-data")
     assert code == 0 and b"verify" in tty
+
+
+def test_a_failure_with_records_in_flight_reports_its_real_cause(local_repo: Repo, src: Path, tmp_path: Path):
+    """A pack write failing while records are still being worked on: the real error
+    (not an internal one), no manifest, no lock left, and a restore that cannot make
+    its file leaves none."""
+    import blocksnap
+    with blocksnap.Pool.open(str(src)) as pool:
+        v = pool.volume("v")
+        v.resize(96 * M)
+        v.write(32 * M, os.urandom(60 * M))
+        v.snapshot("big")
+    r = local_repo
+    b = r.backup("v@s1")
+    data = Path(r.url[7:]) / "data"
+    data.rename(data.with_name("data.away"))
+    data.write_bytes(b"not a directory")
+    err = assert_cli_error(r.cli("backup", "v@big", check=False, timeout=120), 1)
+    assert "internal error" not in err and ("exists" in err.lower() or "directory" in err.lower()), err
+    assert len(r.list()) == 1 and not list((data.parent / "locks").iterdir())
+    data.unlink()
+    data.with_name("data.away").rename(data)
+    out = tmp_path / "small-fs.raw"
+    code = ("import resource, sys, runpy; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "sys.argv = ['blocksnap', 'restore', sys.argv[1], sys.argv[2]]; runpy.run_module('blocksnap', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code, b["id"], str(out)], capture_output=True, text=True,
+                         env=dict(os.environ, **r.env, BLOCKSNAP_REPO=r.url),
+                         preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+    assert res.returncode == 1 and "too large" in res.stderr.lower(), res.stderr
+    assert not out.exists()                  # no empty file left to block a retry

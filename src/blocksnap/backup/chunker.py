@@ -26,7 +26,7 @@ class Chunker:
     def __init__(self, repo: Repository, ids: np.ndarray, chunk_size: int):
         self.repo, self.ids, self.bs = repo, ids, chunk_size
         self.stats = {"chunks_read": 0, "new_chunks": 0, "new_bytes": 0, "packs": 0}
-        self._seen: set[bytes] = set()         # IDs stored or queued by this backup
+        self._seen: set[bytes] = set()         # IDs this backup stores (queued or written)
         self._lock = threading.Lock()
         self._work = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
         self._upload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
@@ -50,7 +50,8 @@ class Chunker:
             cid = self.repo.keys.chunk_id(piece)
             with self._lock:
                 new = cid not in self._seen and cid not in self.repo.where
-                self._seen.add(cid)
+                if new:
+                    self._seen.add(cid)
             out.append((cid, self.repo.chunk_blob(cid, piece) if new else None))
         return out
 
@@ -85,8 +86,12 @@ class Chunker:
             self._uploads.popleft().result()
 
     def close(self) -> None:
-        """Stop the threads; after an error, work in flight is dropped."""
-        for f in self._window:
+        """Stop the threads; after an error, work not started is dropped, and work
+        running is waited for, so nothing is written once the caller moves on (and
+        releases the repository's lock)."""
+        for _, f in self._window:
+            f.cancel()
+        for f in self._uploads:
             f.cancel()
         self._work.shutdown(wait=True, cancel_futures=True)
         self._upload.shutdown(wait=True, cancel_futures=True)

@@ -25,6 +25,7 @@ from .manifest import Manifest
 from .repo import Repository
 
 Progress = Callable[[int, int], None] | None
+WORKERS = min(4, max(2, os.cpu_count() or 2))   # packs in flight: ~16 MiB each, twice over
 
 
 def _open_target(target: str, size: int) -> tuple[int, bool]:
@@ -33,7 +34,12 @@ def _open_target(target: str, size: int) -> tuple[int, bool]:
         st = os.stat(target)
     except FileNotFoundError:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)     # EFBIG on a filesystem too small for the image
+        except BaseException:
+            os.close(fd)
+            os.unlink(target)
+            raise
         return fd, False
     if stat.S_ISBLK(st.st_mode):
         have = device_size(target)
@@ -83,7 +89,7 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
         return n
 
     try:
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="restore") as pool:
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="restore") as pool:
             futures = [pool.submit(one_pack, p) for p in sorted(by_pack)]
             try:
                 for f in futures:
