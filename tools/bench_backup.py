@@ -17,29 +17,19 @@ above 1 favours blocksnap. Usage: tools/bench_backup.py [--size 512M] [--repeat 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_stream import M, cli, make_source, timed  # noqa: E402
-from steady_memory import steady_memory  # noqa: E402
+from bench_fuse import drop_caches  # noqa: E402
+from bench_stream import cli, parse_args, run_rounds, timed  # noqa: E402
 
-from blocksnap.units import format_size, parse_size  # noqa: E402
+from blocksnap.units import format_size  # noqa: E402
 
 PASSWORD = "bench-password"
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def step(fn) -> float:
@@ -92,27 +82,15 @@ def round_(work: str, src: str, r: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="512M")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(__doc__)
     if shutil.which("restic") is None:
         raise SystemExit("needs restic (Debian: restic)")
     if os.geteuid() != 0:
         raise SystemExit("needs root (drop_caches)")
-    size = parse_size(args.size) // (4 * M) * 4 * M
-    work = tempfile.mkdtemp(prefix="bench-backup-", dir="/var/tmp")
-    try:
-        with steady_memory(max(8 << 30, 12 * size), quiet=args.json) as mem_note:
-            src = make_source(work, size)
-            runs = [round_(work, src, r) for r in range(args.repeat)]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    if args.json:
-        print(json.dumps({"size": size, "memory": mem_note, "median": med, "runs": runs}, indent=2))
+    size, runs, med = run_rounds("bench-backup-", args, round_)
+    if runs is None:
         return
+    mem_note = med.pop("memory")
     print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes; then 1/10 of blocks rewritten), "
           f"median of {args.repeat}; {mem_note}\n")
     print("| step | blocksnap | restic 0.14 | restic time / blocksnap time |")

@@ -101,26 +101,42 @@ def round_(work: str, src: str, r: int) -> dict[str, float]:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """--size, --repeat, --json: what every round-based benchmark takes."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--size", default="512M")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if shutil.which("zstd") is None:
-        raise SystemExit("needs the zstd command (Debian: zstd)")
+    return ap.parse_args()
+
+
+def run_rounds(prefix: str, args, round_fn) -> tuple[int, list | None, dict]:
+    """make_source once, then `round_fn(work, src, r)` per round with memory kept
+    steady: (size, runs, medians with the memory note). With --json the result is
+    printed and runs is None."""
     size = parse_size(args.size) // (4 * M) * 4 * M
-    work = tempfile.mkdtemp(prefix="bench-stream-", dir="/var/tmp")
+    work = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
     try:
         with steady_memory(max(8 << 30, 12 * size), quiet=args.json) as mem_note:
             src = make_source(work, size)
-            runs = [round_(work, src, r) for r in range(args.repeat)]
+            runs = [round_fn(work, src, r) for r in range(args.repeat)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     if args.json:
         print(json.dumps({"size": size, "memory": mem_note, "median": med, "runs": runs}, indent=2))
+        return size, None, med
+    return size, runs, dict(med, memory=mem_note)
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    if shutil.which("zstd") is None:
+        raise SystemExit("needs the zstd command (Debian: zstd)")
+    size, runs, med = run_rounds("bench-stream-", args, round_)
+    if runs is None:
         return
+    mem_note = med.pop("memory")
     mb = size / 1e6
     print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes), median of {args.repeat}; "
           f"{mem_note}\n")
