@@ -163,14 +163,22 @@ def test_cow_zero_block_copy_takes_no_space(pool, tmp_path):
 
 # -- ROW: thin ------------------------------------------------------------------------
 
-def test_row_holes_read_zeros_without_touching_the_store(pool, monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_row_holes_read_zeros_without_touching_the_store(pool, monkeypatch, compiled):
     vol = pool.create_volume("big", size=16 << 30, block_size=64 * K)
     assert vol.info()["allocated"] == 0
     assert pool.status()["used"] == 0
     vol.write(5 * M, b"data")
     calls = []
-    real = pool.store.preadinto
-    monkeypatch.setattr(pool.store, "preadinto", lambda buf, off: (calls.append(off), real(buf, off))[1])
+    if compiled:
+        real_mapped = pool.store.read_mapped
+        assert real_mapped is not None, "the compiled read path was not built"
+        monkeypatch.setattr(pool.store, "read_mapped",
+                            lambda *a, **k: (calls.append(a), real_mapped(*a, **k))[1])
+    else:
+        monkeypatch.setattr(pool.store, "read_mapped", None)
+        real = pool.store.preadinto
+        monkeypatch.setattr(pool.store, "preadinto", lambda buf, off: (calls.append(off), real(buf, off))[1])
     for off, n in [(0, 4096), (1 << 30, 128 * K), ((16 << 30) - 100, 100), (5 * M + 64 * K, 64 * K)]:
         assert vol.read(off, n) == bytes(n)
     assert calls == []

@@ -56,8 +56,25 @@ def mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def read_stored(store, ptrs: np.ndarray, sums: np.ndarray, bs: int, buf: bytearray,
-                where: str = "", base_block: int = 0, verify: bool = True) -> None:
-    """Fill buf[i*bs:(i+1)*bs] for every i with a stored block (ptr >= 2)."""
+                where: str = "", base_block: int = 0, verify: bool = True, zero_holes: bool = False) -> None:
+    """Fill buf[i*bs:(i+1)*bs] for every i with a stored block (ptr >= 2); zero the
+    others if zero_holes, else leave them alone.
+
+    The store's compiled read path does it all with the GIL released when it has
+    one (FileStore.read_mapped); the Python path below is the same work.
+    """
+    fast = getattr(store, "read_mapped", None)
+    if fast is not None:
+        if len(ptrs) and int(ptrs.max()) >= 2:
+            bad = fast(np.ascontiguousarray(ptrs, np.uint64), np.ascontiguousarray(sums, np.uint64),
+                       bs, UNIT, buf, zero_holes=zero_holes, verify=verify)
+            if bad >= 0:
+                _corrupt(where, base_block, bad, ptrs)
+        elif zero_holes:
+            zero_blocks(buf, ptrs < 2, bs)
+        return
+    if zero_holes:
+        zero_blocks(buf, ptrs < 2, bs)
     units = bs // UNIT
     mv = memoryview(buf)
     n = len(ptrs)

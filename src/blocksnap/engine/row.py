@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CorruptionError, InvalidArgument
-from .blockio import deliver, read_buffer, read_stored, zero_blocks
+from .blockio import deliver, read_buffer, read_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
@@ -65,17 +65,15 @@ class RowVolume(VolumeBase):
         start = offset - b0 * bs
         try:
             with read_buffer(out, start, length, (b1 - b0) * bs) as buf:
-                zero_blocks(buf, ptrs < 2, bs)
                 try:
-                    read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
+                    read_stored(pool.store, ptrs, sums, bs, buf, where, b0, zero_holes=True)
                 except CorruptionError:
                     # a block written since the last commit is overwritten in place, so an
                     # unlocked read racing a write can tear: judge it again under the lock
                     with pool.lock:
                         tree, size = locate()
                         ptrs, sums = pool.maps.get_range(tree, b0, b1)
-                        zero_blocks(buf, ptrs < 2, bs)
-                        read_stored(pool.store, ptrs, sums, bs, buf, where, b0)
+                        read_stored(pool.store, ptrs, sums, bs, buf, where, b0, zero_holes=True)
                 return deliver(buf, out, start, length)
         finally:
             pool.reader_exit(token)

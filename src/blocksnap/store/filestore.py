@@ -16,6 +16,13 @@ import threading
 
 from ..errors import InvalidArgument, NotFound, OutOfSpace
 
+try:  # the compiled read path (setup.py); BLOCKSNAP_PURE_PYTHON=1 turns it off
+    from . import _blockread
+except ImportError:
+    _blockread = None
+if os.environ.get("BLOCKSNAP_PURE_PYTHON"):
+    _blockread = None
+
 _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -86,6 +93,14 @@ class FileStore:
         n = os.preadv(self.fd, [buf], offset)
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
+
+    if _blockread is not None:
+        def read_mapped(self, ptrs, sums, bs: int, unit: int, buf, *, zero_holes: bool, verify: bool) -> int:
+            """Blocks at store units `ptrs` into buf, checked against `sums` without the
+            GIL (see _blockread.c): the first block that fails its checksum, or -1."""
+            return _blockread.read_blocks(self.fd, ptrs, sums, bs, unit, buf, verify, zero_holes)
+    else:
+        read_mapped = None  # engine.blockio reads with preadinto instead
 
     def pwrite(self, data: bytes | memoryview | bytearray, offset: int) -> None:
         self.pwritev([data], offset)

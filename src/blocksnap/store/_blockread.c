@@ -1,0 +1,183 @@
+/* Reading mapped blocks out of the data store and checking them, without the GIL.
+ *
+ * The Python read path (engine/blockio.read_stored) does the same work, but holds the
+ * interpreter lock while it zeroes holes and hashes every block; on the FUSE read
+ * path that time sits between one request and the next. Here the whole request
+ * (zero holes, preadv each run of adjacent blocks, xxh3 of every block read) runs
+ * with the lock released, so libfuse's other threads keep serving.
+ *
+ * read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes) -> int
+ *   ptrs, sums: C-contiguous uint64 buffers of n entries (store position of each
+ *   block in units, and its xxh3-64); a ptr below 2 is not in the store: its block
+ *   of `out` is zeroed if zero_holes, else left alone.
+ *   out: writable buffer of at least n * block_size bytes.
+ *   Returns -1 when every block read matched its checksum (or verify is false),
+ *   else the index of the first block that did not. Raises OSError on I/O errors.
+ *   Bytes past the end of the store read as zeros, like FileStore.preadinto.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+uint64_t blockread_xxh3_avx2(const void *data, size_t len);   /* _blockread_avx2.c */
+#endif
+
+static uint64_t xxh3_default(const void *data, size_t len)
+{
+    return XXH3_64bits(data, len);
+}
+
+/* xxh3-64 with seed 0, as xxhash.xxh3_64_intdigest: the fastest build this CPU runs */
+static uint64_t (*xxh3)(const void *, size_t) = xxh3_default;
+
+/* pread until `len` bytes or end of file (the rest zeroed); 0 or an errno. */
+static int read_full(int fd, char *dst, size_t len, off_t pos)
+{
+    while (len) {
+        ssize_t n = pread(fd, dst, len, pos);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0) {
+            memset(dst, 0, len);
+            return 0;
+        }
+        dst += n;
+        len -= (size_t)n;
+        pos += n;
+    }
+    return 0;
+}
+
+/* The work itself, run without the GIL: 0 and *bad set, or an errno. */
+static int fill(int fd, const uint64_t *ptrs, const uint64_t *sums, Py_ssize_t n, size_t bs,
+                uint64_t units, size_t unit, char *out, int verify, int zero_holes, Py_ssize_t *bad)
+{
+    Py_ssize_t i = 0;
+    *bad = -1;
+    while (i < n) {
+        if (ptrs[i] < 2) {
+            Py_ssize_t j = i + 1;
+            while (j < n && ptrs[j] < 2)
+                j++;
+            if (zero_holes)
+                memset(out + (size_t)i * bs, 0, (size_t)(j - i) * bs);
+            i = j;
+            continue;
+        }
+        Py_ssize_t j = i + 1;
+        while (j < n && ptrs[j] == ptrs[j - 1] + units)
+            j++;
+        int err = read_full(fd, out + (size_t)i * bs, (size_t)(j - i) * bs, (off_t)(ptrs[i] * unit));
+        if (err)
+            return err;
+        if (verify && *bad < 0) {
+            for (Py_ssize_t k = i; k < j; k++) {
+                if (xxh3(out + (size_t)k * bs, bs) != sums[k]) {
+                    *bad = k;
+                    break;
+                }
+            }
+        }
+        i = j;
+    }
+    return 0;
+}
+
+static int u64_view(PyObject *obj, Py_buffer *view, const char *what)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *fmt = view->format;
+    size_t flen = fmt ? strlen(fmt) : 0;
+    if (view->itemsize != 8 || flen == 0 || strchr("QLqlN", fmt[flen - 1]) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of 64-bit integers", what);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *read_blocks(PyObject *self, PyObject *args)
+{
+    int fd, verify, zero_holes;
+    Py_ssize_t bs, unit;
+    PyObject *ptrs_obj, *sums_obj, *out_obj;
+    Py_buffer ptrs, sums, out;
+    if (!PyArg_ParseTuple(args, "iOOnnOpp", &fd, &ptrs_obj, &sums_obj, &bs, &unit, &out_obj, &verify,
+                          &zero_holes))
+        return NULL;
+    if (bs <= 0 || unit <= 0 || bs % unit) {
+        PyErr_SetString(PyExc_ValueError, "block size must be a positive multiple of the unit");
+        return NULL;
+    }
+    if (u64_view(ptrs_obj, &ptrs, "ptrs") < 0)
+        return NULL;
+    if (u64_view(sums_obj, &sums, "sums") < 0) {
+        PyBuffer_Release(&ptrs);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&ptrs);
+        PyBuffer_Release(&sums);
+        return NULL;
+    }
+    Py_ssize_t n = ptrs.len / 8;
+    PyObject *result = NULL;
+    if (sums.len / 8 < n || out.len / bs < n) {
+        PyErr_SetString(PyExc_ValueError, "sums or out shorter than ptrs");
+    } else {
+        Py_ssize_t bad = -1;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = fill(fd, (const uint64_t *)ptrs.buf, (const uint64_t *)sums.buf, n, (size_t)bs,
+                   (uint64_t)(bs / unit), (size_t)unit, (char *)out.buf, verify, zero_holes, &bad);
+        Py_END_ALLOW_THREADS
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        } else {
+            result = PyLong_FromSsize_t(bad);
+        }
+    }
+    PyBuffer_Release(&ptrs);
+    PyBuffer_Release(&sums);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"read_blocks", read_blocks, METH_VARARGS,
+     "read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes) -> first bad block or -1"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_blockread",
+    "Zero, read and checksum mapped blocks with the GIL released.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__blockread(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        xxh3 = blockread_xxh3_avx2;
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "xxh3_build", xxh3 == xxh3_default ? "default" : "avx2") < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
