@@ -101,6 +101,46 @@ def test_same_bytes_and_same_verdict_as_python(stores, units_per_block, layout, 
                 assert block == (bytes(bs) if zero_holes else b"\xaa" * bs)
 
 
+@settings(max_examples=150, deadline=None)
+@given(units_per_block=st.sampled_from([1, 4]),
+       layout=st.lists(st.one_of(st.sampled_from([0, 1]), st.integers(2, STORE_UNITS + 8)),
+                       min_size=1, max_size=6),
+       cut=st.tuples(st.floats(0, 0.999), st.floats(0.001, 1)), corrupt=st.integers(-1, 5))
+def test_unaligned_range_straight_into_the_buffer(stores, units_per_block, layout, cut, corrupt):
+    """A request that starts or ends inside a block (a loop device splits wherever
+    its 128 pages end): bytes [skip, skip+length) of the blocks, edge blocks
+    checked whole, the same from both paths."""
+    fast, slow, data = stores
+    bs = units_per_block * UNIT
+    ptrs = np.array(layout, np.uint64)
+    n = len(ptrs)
+    skip = int(cut[0] * bs)
+    end = max((n - 1) * bs + max(1, int(cut[1] * bs)), skip + 1)   # every block used
+    length = end - skip
+    sums = _sums(data, ptrs, bs)
+    stored = np.flatnonzero(ptrs >= 2)
+    if corrupt >= 0 and len(stored):
+        sums[stored[corrupt % len(stored)]] ^= np.uint64(1)
+    results = []
+    for store in (fast, slow):
+        buf = bytearray(b"\xaa" * length + b"\x55" * 16)   # and nothing written past length
+        try:
+            read_stored(store, ptrs, sums, bs, buf, " here", 100, zero_holes=True, skip=skip, length=length)
+            results.append((bytes(buf[:length]), None))
+        except CorruptionError as e:
+            results.append((None, str(e)))
+        assert buf[length:] == b"\x55" * 16
+    assert results[0] == results[1]
+    if corrupt >= 0 and len(stored):
+        assert results[0][1] is not None and f"at block {100 + stored[corrupt % len(stored)]}" in results[0][1]
+    else:
+        want = bytearray()
+        for p in ptrs.tolist():
+            block = data[p * UNIT:p * UNIT + bs] if p >= 2 else b""
+            want += block + bytes(bs - len(block))
+        assert results[0] == (bytes(want[skip:end]), None)
+
+
 def test_holes_only_never_reach_the_store(stores, monkeypatch):
     fast, _, _ = stores
     monkeypatch.setattr(fast, "read_mapped", lambda *a, **k: pytest.fail("store read for holes"))

@@ -56,22 +56,37 @@ def mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def read_stored(store, ptrs: np.ndarray, sums: np.ndarray, bs: int, buf: bytearray,
-                where: str = "", base_block: int = 0, verify: bool = True, zero_holes: bool = False) -> None:
+                where: str = "", base_block: int = 0, verify: bool = True, zero_holes: bool = False,
+                skip: int = 0, length: int | None = None) -> None:
     """Fill buf[i*bs:(i+1)*bs] for every i with a stored block (ptr >= 2); zero the
-    others if zero_holes, else leave them alone.
+    others if zero_holes, else leave them alone. With skip/length, buf receives
+    only bytes [skip, skip+length) of the blocks (holes zeroed): a request that is
+    not block-aligned needs no buffer of its own.
 
     The store's compiled read path does it all with the GIL released when it has
     one (FileStore.read_mapped); the Python path below is the same work.
     """
+    n = len(ptrs)
+    if length is None:
+        length = n * bs - skip
+    whole = skip == 0 and length == n * bs
     fast = getattr(store, "read_mapped", None)
     if fast is not None:
-        if len(ptrs) and int(ptrs.max()) >= 2:
-            bad = fast(np.ascontiguousarray(ptrs, np.uint64), np.ascontiguousarray(sums, np.uint64),
-                       bs, UNIT, buf, zero_holes=zero_holes, verify=verify)
+        if n and int(ptrs.max()) >= 2:
+            bad = fast(np.ascontiguousarray(ptrs, np.uint64), np.ascontiguousarray(sums, np.uint64), bs, UNIT,
+                       buf, zero_holes=zero_holes or not whole, verify=verify,
+                       **({} if whole else {"skip": skip, "length": length}))
             if bad >= 0:
                 _corrupt(where, base_block, bad, ptrs)
+        elif not whole:
+            memoryview(buf)[:length] = bytes(length)
         elif zero_holes:
             zero_blocks(buf, ptrs < 2, bs)
+        return
+    if not whole:
+        with read_buffer(None, 0, n * bs, n * bs) as scratch:
+            read_stored(store, ptrs, sums, bs, scratch, where, base_block, verify, zero_holes=True)
+            memoryview(buf)[:length] = scratch[skip:skip + length]
         return
     if zero_holes:
         zero_blocks(buf, ptrs < 2, bs)
@@ -165,7 +180,7 @@ def read_buffer(out: memoryview | None, start: int, length: int, nbytes: int) ->
 def zero_blocks(buf: memoryview, mask: np.ndarray, bs: int) -> None:
     """Zero the blocks of a block-aligned buffer where mask is set (holes)."""
     if np.count_nonzero(mask):
-        np.frombuffer(buf, np.uint8).reshape(-1, bs)[mask] = 0
+        np.frombuffer(buf, np.uint8, count=len(mask) * bs).reshape(-1, bs)[mask] = 0
 
 
 def deliver(buf: memoryview, out: memoryview | None, start: int, length: int) -> bytes | None:

@@ -7,12 +7,13 @@ on a map root.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
 
 from ..errors import CorruptionError, InvalidArgument
-from .blockio import deliver, read_buffer, read_stored
+from .blockio import read_buffer, read_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
@@ -62,19 +63,24 @@ class RowVolume(VolumeBase):
             b0, b1 = offset // bs, -(-(offset + length) // bs)
             ptrs, sums = pool.maps.get_range(tree, b0, b1)
             token = pool.reader_enter()
-        start = offset - b0 * bs
+        start, nbytes = offset - b0 * bs, (b1 - b0) * bs
         try:
-            with read_buffer(out, start, length, (b1 - b0) * bs) as buf:
+            with contextlib.ExitStack() as stack:
+                if out is not None:   # straight into the caller's buffer, block-aligned or not
+                    dest, skip, n = out[:length], start, length
+                else:                 # whole blocks into a pooled buffer, then copied out
+                    dest, skip, n = stack.enter_context(read_buffer(None, 0, nbytes, nbytes)), 0, nbytes
                 try:
-                    read_stored(pool.store, ptrs, sums, bs, buf, where, b0, zero_holes=True)
+                    read_stored(pool.store, ptrs, sums, bs, dest, where, b0, zero_holes=True, skip=skip, length=n)
                 except CorruptionError:
                     # a block written since the last commit is overwritten in place, so an
                     # unlocked read racing a write can tear: judge it again under the lock
                     with pool.lock:
                         tree, size = locate()
                         ptrs, sums = pool.maps.get_range(tree, b0, b1)
-                        read_stored(pool.store, ptrs, sums, bs, buf, where, b0, zero_holes=True)
-                return deliver(buf, out, start, length)
+                        read_stored(pool.store, ptrs, sums, bs, dest, where, b0, zero_holes=True,
+                                    skip=skip, length=n)
+                return None if out is not None else bytes(dest[start:start + length])
         finally:
             pool.reader_exit(token)
 

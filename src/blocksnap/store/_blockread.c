@@ -6,11 +6,16 @@
  * (zero holes, preadv each run of adjacent blocks, xxh3 of every block read) runs
  * with the lock released, so libfuse's other threads keep serving.
  *
- * read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes) -> int
+ * read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes[, skip, length]) -> int
  *   ptrs, sums: C-contiguous uint64 buffers of n entries (store position of each
  *   block in units, and its xxh3-64); a ptr below 2 is not in the store: its block
  *   of `out` is zeroed if zero_holes, else left alone.
- *   out: writable buffer of at least n * block_size bytes.
+ *   out: writable buffer of at least n * block_size bytes; or, with skip and
+ *   length, of `length` bytes that receive bytes [skip, skip + length) of the n
+ *   blocks. A request that does not start or end on a block boundary (a loop
+ *   device splits 1 MiB at 128 pages, wherever that falls) then goes straight
+ *   into `out` too: only its partial edge blocks pass through a block-sized
+ *   buffer, where they are checked whole. Holes always read as zeros then.
  *   Returns -1 when every block read matched its checksum (or verify is false),
  *   else the index of the first block that did not. Raises OSError on I/O errors.
  *   Bytes past the end of the store read as zeros, like FileStore.preadinto.
@@ -19,6 +24,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -94,6 +100,73 @@ static int fill(int fd, const uint64_t *ptrs, const uint64_t *sums, Py_ssize_t n
     return 0;
 }
 
+/* One block of which only [lo, hi) (bytes within the block) is wanted, at dst:
+ * read and checked whole in tmp, then copied. */
+static int fill_partial(int fd, uint64_t ptr, uint64_t sum, size_t bs, size_t unit, char *tmp,
+                        size_t lo, size_t hi, char *dst, int verify, int *mismatch)
+{
+    if (ptr < 2) {
+        memset(dst, 0, hi - lo);
+        return 0;
+    }
+    int err = read_full(fd, tmp, bs, (off_t)(ptr * unit));
+    if (err)
+        return err;
+    if (verify && xxh3(tmp, bs) != sum)
+        *mismatch = 1;
+    memcpy(dst, tmp + lo, hi - lo);
+    return 0;
+}
+
+/* Bytes [skip, skip + len) of the n blocks into out. The caller made sure that
+ * skip < bs and (n - 1) * bs < skip + len <= n * bs: every block is used. */
+static int fill_range(int fd, const uint64_t *ptrs, const uint64_t *sums, Py_ssize_t n, size_t bs,
+                      uint64_t units, size_t unit, char *out, size_t skip, size_t len, int verify,
+                      Py_ssize_t *bad)
+{
+    size_t end = skip + len;
+    Py_ssize_t tail = end % bs ? n - 1 : -1;           /* block holding a partial end */
+    Py_ssize_t first = skip ? 1 : 0;                    /* whole blocks: [first, last) */
+    Py_ssize_t last = tail >= 0 ? tail : n;
+    char *tmp = NULL;
+    int err = 0, mismatch = 0;
+    *bad = -1;
+    if (skip || tail >= 0) {
+        tmp = malloc(bs);
+        if (tmp == NULL)
+            return ENOMEM;
+    }
+    if (skip) {
+        err = fill_partial(fd, ptrs[0], sums[0], bs, unit, tmp, skip, end < bs ? end : bs, out,
+                           verify, &mismatch);
+        if (err)
+            goto done;
+        if (mismatch)
+            *bad = 0;
+    }
+    if (last > first) {
+        Py_ssize_t b = -1;
+        err = fill(fd, ptrs + first, sums + first, last - first, bs, units, unit,
+                   out + (size_t)first * bs - skip, verify, 1, &b);
+        if (err)
+            goto done;
+        if (b >= 0 && *bad < 0)
+            *bad = first + b;
+    }
+    if (tail >= 0 && !(tail == 0 && skip)) {   /* (within block 0, the head did it all) */
+        mismatch = 0;
+        err = fill_partial(fd, ptrs[tail], sums[tail], bs, unit, tmp, 0, end - (size_t)tail * bs,
+                           out + (size_t)tail * bs - skip, verify, &mismatch);
+        if (err)
+            goto done;
+        if (mismatch && *bad < 0)
+            *bad = tail;
+    }
+done:
+    free(tmp);
+    return err;
+}
+
 static int u64_view(PyObject *obj, Py_buffer *view, const char *what)
 {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
@@ -111,11 +184,11 @@ static int u64_view(PyObject *obj, Py_buffer *view, const char *what)
 static PyObject *read_blocks(PyObject *self, PyObject *args)
 {
     int fd, verify, zero_holes;
-    Py_ssize_t bs, unit;
+    Py_ssize_t bs, unit, skip = 0, length = -1;
     PyObject *ptrs_obj, *sums_obj, *out_obj;
     Py_buffer ptrs, sums, out;
-    if (!PyArg_ParseTuple(args, "iOOnnOpp", &fd, &ptrs_obj, &sums_obj, &bs, &unit, &out_obj, &verify,
-                          &zero_holes))
+    if (!PyArg_ParseTuple(args, "iOOnnOpp|nn", &fd, &ptrs_obj, &sums_obj, &bs, &unit, &out_obj, &verify,
+                          &zero_holes, &skip, &length))
         return NULL;
     if (bs <= 0 || unit <= 0 || bs % unit) {
         PyErr_SetString(PyExc_ValueError, "block size must be a positive multiple of the unit");
@@ -134,14 +207,29 @@ static PyObject *read_blocks(PyObject *self, PyObject *args)
     }
     Py_ssize_t n = ptrs.len / 8;
     PyObject *result = NULL;
-    if (sums.len / 8 < n || out.len / bs < n) {
-        PyErr_SetString(PyExc_ValueError, "sums or out shorter than ptrs");
+    int ranged = skip != 0 || length >= 0;
+    if (length < 0)
+        length = n * bs - skip;
+    if (sums.len / 8 < n) {
+        PyErr_SetString(PyExc_ValueError, "sums shorter than ptrs");
+    } else if (skip < 0 || (n && skip >= bs) || length < 0 || skip + length > n * bs
+               || (n && skip + length <= (n - 1) * bs)) {
+        PyErr_SetString(PyExc_ValueError, "skip and length must fall within the blocks and use every one");
+    } else if (out.len < (ranged ? length : n * bs)) {
+        PyErr_SetString(PyExc_ValueError, "out is shorter than what is read");
+    } else if (ranged && !zero_holes) {
+        PyErr_SetString(PyExc_ValueError, "a range read always zeroes holes");
     } else {
         Py_ssize_t bad = -1;
         int err;
         Py_BEGIN_ALLOW_THREADS
-        err = fill(fd, (const uint64_t *)ptrs.buf, (const uint64_t *)sums.buf, n, (size_t)bs,
-                   (uint64_t)(bs / unit), (size_t)unit, (char *)out.buf, verify, zero_holes, &bad);
+        if (ranged)
+            err = fill_range(fd, (const uint64_t *)ptrs.buf, (const uint64_t *)sums.buf, n, (size_t)bs,
+                             (uint64_t)(bs / unit), (size_t)unit, (char *)out.buf, (size_t)skip,
+                             (size_t)length, verify, &bad);
+        else
+            err = fill(fd, (const uint64_t *)ptrs.buf, (const uint64_t *)sums.buf, n, (size_t)bs,
+                       (uint64_t)(bs / unit), (size_t)unit, (char *)out.buf, verify, zero_holes, &bad);
         Py_END_ALLOW_THREADS
         if (err) {
             errno = err;
@@ -158,7 +246,8 @@ static PyObject *read_blocks(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"read_blocks", read_blocks, METH_VARARGS,
-     "read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes) -> first bad block or -1"},
+     "read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes[, skip, length])"
+     " -> first bad block or -1"},
     {NULL, NULL, 0, NULL},
 };
 

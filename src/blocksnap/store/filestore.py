@@ -95,10 +95,12 @@ class FileStore:
             buf[n:] = bytes(len(buf) - n)
 
     if _blockread is not None:
-        def read_mapped(self, ptrs, sums, bs: int, unit: int, buf, *, zero_holes: bool, verify: bool) -> int:
-            """Blocks at store units `ptrs` into buf, checked against `sums` without the
-            GIL (see _blockread.c): the first block that fails its checksum, or -1."""
-            return _blockread.read_blocks(self.fd, ptrs, sums, bs, unit, buf, verify, zero_holes)
+        def read_mapped(self, ptrs, sums, bs: int, unit: int, buf, *, zero_holes: bool, verify: bool,
+                        skip: int = 0, length: int = -1) -> int:
+            """Blocks at store units `ptrs` into buf (or their bytes [skip, skip+length)),
+            checked against `sums` without the GIL (see _blockread.c): the first block
+            that fails its checksum, or -1."""
+            return _blockread.read_blocks(self.fd, ptrs, sums, bs, unit, buf, verify, zero_holes, skip, length)
     else:
         read_mapped = None  # engine.blockio reads with preadinto instead
 
