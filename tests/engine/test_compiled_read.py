@@ -178,3 +178,40 @@ def test_bad_arguments_are_refused(stores):
     with pytest.raises(BufferError):
         fast.read_mapped(np.array([2], np.uint64), np.zeros(1, np.uint64), UNIT, UNIT, bytes(UNIT),
                          zero_holes=True, verify=True)
+    for skip, length in [(UNIT, 1), (0, 0), (5, 0), (0, UNIT + 1), (-1, 10)]:   # every block used, no more
+        with pytest.raises(ValueError):
+            fast.read_mapped(np.array([2], np.uint64), np.zeros(1, np.uint64), UNIT, UNIT, bytearray(2 * UNIT),
+                             zero_holes=True, verify=True, skip=skip, length=length)
+    with pytest.raises(ValueError):   # out too short for the range
+        fast.read_mapped(np.array([2, 3], np.uint64), np.zeros(2, np.uint64), UNIT, UNIT, bytearray(UNIT),
+                         zero_holes=True, verify=True, skip=10, length=UNIT + 10)
+    with pytest.raises(ValueError):   # a range read cannot leave holes alone
+        fast.read_mapped(np.array([2], np.uint64), np.zeros(1, np.uint64), UNIT, UNIT, bytearray(UNIT),
+                         zero_holes=False, verify=True, skip=10, length=100)
+
+
+def test_sizes_that_would_overflow_are_refused(stores):
+    """n * block_size and ptr * unit must never wrap into a small, valid-looking number."""
+    fast, _, _ = stores
+    with pytest.raises(ValueError):   # 4 blocks of 2**62 bytes: n * bs wraps to 0
+        fast.read_mapped(np.array([0, 2, 2, 2], np.uint64), np.zeros(4, np.uint64), 1 << 62, UNIT,
+                         bytearray(UNIT), zero_holes=True, verify=True)
+    with pytest.raises(OSError) as e:   # a map entry whose byte offset would wrap to store unit 2
+        fast.read_mapped(np.array([(1 << 52) + 2], np.uint64), np.zeros(1, np.uint64), UNIT, UNIT,
+                         bytearray(UNIT), zero_holes=True, verify=False)
+    assert e.value.errno == errno.EOVERFLOW
+
+
+def test_python_path_reads_past_a_short_preadv(tmp_path, monkeypatch):
+    """One preadv returns at most 2 GiB - 4 KiB: a short read is not the end of the file."""
+    path = str(tmp_path / "data")
+    data = os.urandom(4 * UNIT)
+    with open(path, "wb") as f:
+        f.write(data)
+    store = PythonStore(path, writable=False)
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:UNIT]], off))
+    buf = bytearray(b"\xaa" * 5 * UNIT)
+    store.preadinto(memoryview(buf), 0)
+    store.close()
+    assert buf == data + bytes(UNIT)

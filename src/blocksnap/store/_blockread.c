@@ -3,7 +3,7 @@
  * The Python read path (engine/blockio.read_stored) does the same work, but holds the
  * interpreter lock while it zeroes holes and hashes every block; on the FUSE read
  * path that time sits between one request and the next. Here the whole request
- * (zero holes, preadv each run of adjacent blocks, xxh3 of every block read) runs
+ * (zero holes, one pread per run of adjacent blocks, xxh3 of every block read) runs
  * with the lock released, so libfuse's other threads keep serving.
  *
  * read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes[, skip, length]) -> int
@@ -32,7 +32,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)   /* the pragma is GCC's */
 uint64_t blockread_xxh3_avx2(const void *data, size_t len);   /* _blockread_avx2.c */
 #endif
 
@@ -43,6 +43,9 @@ static uint64_t xxh3_default(const void *data, size_t len)
 
 /* xxh3-64 with seed 0, as xxhash.xxh3_64_intdigest: the fastest build this CPU runs */
 static uint64_t (*xxh3)(const void *, size_t) = xxh3_default;
+
+/* The largest store position (in units) whose blocks' byte offsets fit an off_t. */
+#define MAX_PTR(unit) ((uint64_t)(INT64_MAX / 2) / (uint64_t)(unit))
 
 /* pread until `len` bytes or end of file (the rest zeroed); 0 or an errno. */
 static int read_full(int fd, char *dst, size_t len, off_t pos)
@@ -84,6 +87,8 @@ static int fill(int fd, const uint64_t *ptrs, const uint64_t *sums, Py_ssize_t n
         Py_ssize_t j = i + 1;
         while (j < n && ptrs[j] == ptrs[j - 1] + units)
             j++;
+        if (ptrs[i] > MAX_PTR(unit) || ptrs[j - 1] > MAX_PTR(unit))
+            return EOVERFLOW;   /* a map entry past any possible store: never wrap it */
         int err = read_full(fd, out + (size_t)i * bs, (size_t)(j - i) * bs, (off_t)(ptrs[i] * unit));
         if (err)
             return err;
@@ -109,6 +114,8 @@ static int fill_partial(int fd, uint64_t ptr, uint64_t sum, size_t bs, size_t un
         memset(dst, 0, hi - lo);
         return 0;
     }
+    if (ptr > MAX_PTR(unit))
+        return EOVERFLOW;
     int err = read_full(fd, tmp, bs, (off_t)(ptr * unit));
     if (err)
         return err;
@@ -190,8 +197,8 @@ static PyObject *read_blocks(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iOOnnOpp|nn", &fd, &ptrs_obj, &sums_obj, &bs, &unit, &out_obj, &verify,
                           &zero_holes, &skip, &length))
         return NULL;
-    if (bs <= 0 || unit <= 0 || bs % unit) {
-        PyErr_SetString(PyExc_ValueError, "block size must be a positive multiple of the unit");
+    if (bs <= 0 || unit <= 0 || bs % unit || bs > (1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "block size must be a positive multiple of the unit, at most 1 GiB");
         return NULL;
     }
     if (u64_view(ptrs_obj, &ptrs, "ptrs") < 0)
@@ -207,12 +214,19 @@ static PyObject *read_blocks(PyObject *self, PyObject *args)
     }
     Py_ssize_t n = ptrs.len / 8;
     PyObject *result = NULL;
+    if (n > PY_SSIZE_T_MAX / bs) {   /* n * bs below must not overflow */
+        PyErr_SetString(PyExc_ValueError, "too many blocks for one read");
+        PyBuffer_Release(&ptrs);
+        PyBuffer_Release(&sums);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
     int ranged = skip != 0 || length >= 0;
     if (length < 0)
         length = n * bs - skip;
     if (sums.len / 8 < n) {
         PyErr_SetString(PyExc_ValueError, "sums shorter than ptrs");
-    } else if (skip < 0 || (n && skip >= bs) || length < 0 || skip + length > n * bs
+    } else if (skip < 0 || (n && skip >= bs) || length < 0 || (n && length == 0) || skip + length > n * bs
                || (n && skip + length <= (n - 1) * bs)) {
         PyErr_SetString(PyExc_ValueError, "skip and length must fall within the blocks and use every one");
     } else if (out.len < (ranged ? length : n * bs)) {
@@ -258,7 +272,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__blockread(void)
 {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)   /* the pragma is GCC's */
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2"))
         xxh3 = blockread_xxh3_avx2;

@@ -90,9 +90,15 @@ class FileStore:
         return data
 
     def preadinto(self, buf: memoryview, offset: int) -> None:
-        n = os.preadv(self.fd, [buf], offset)
-        if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
+        """Fill buf from offset; past the end of the file reads zeros. (One call
+        returns at most 2 GiB - 4 KiB on Linux: a short read is not the end.)"""
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
 
     if _blockread is not None:
         def read_mapped(self, ptrs, sums, bs: int, unit: int, buf, *, zero_holes: bool, verify: bool,
