@@ -80,3 +80,21 @@ def test_read_into_bounds(tmp_path):
         with pytest.raises(blocksnap.BlocksnapError):
             vol.read_into(SIZE - 10, memoryview(bytearray(20)))
         vol.read_into(SIZE, memoryview(bytearray(0)))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_cow_snapshot_unaligned_reads_from_origin_store_and_both(tmp_path, compiled):
+    """A COW snapshot's blocks come from the origin (unchanged since), from the store
+    (preserved before an overwrite), or from both: unaligned reads of each kind."""
+    pool, vol = _volume(tmp_path, "cow", compiled)
+    with pool:
+        old = os.urandom(SIZE)
+        vol.write(0, old)
+        snap = vol.snapshot("s")
+        vol.write(8 * BS, os.urandom(8 * BS))          # blocks 8-15 preserved in the store
+        for off, n in [(BS + 100, 2 * BS),             # origin only
+                       (8 * BS + 5, 3 * BS + 7),       # store only
+                       (6 * BS + 9, 4 * BS)]:          # both
+            out = bytearray(b"\xa5" * n)
+            snap.read_into(off, memoryview(out))
+            assert out == old[off:off + n], (off, n)
