@@ -29,6 +29,7 @@ class Backend(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def put_new(self, key: str, data: bytes) -> bool: ...   # False: the key exists (nothing written)
     def get(self, key: str) -> bytes: ...
+    def get_range(self, key: str, offset: int, length: int) -> bytes: ...   # shorter at the end
     def list(self, prefix: str) -> dict[str, int]: ...   # key -> size
     def delete(self, key: str) -> None: ...
     def sweep(self) -> int: ...   # remove what interrupted writes left (prune, alone)
@@ -74,6 +75,23 @@ class LocalBackend:
                 return f.read()
         except FileNotFoundError:
             raise NotFound(f"{self.url}: object {key} is missing") from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"{self.url}: object {key} is missing") from None
+        try:
+            parts, done = [], 0
+            while done < length:
+                piece = os.pread(fd, length - done, offset + done)
+                if not piece:
+                    break
+                parts.append(piece)
+                done += len(piece)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def list(self, prefix: str) -> dict[str, int]:
         base = self._path(prefix.rstrip("/"))
@@ -155,7 +173,15 @@ class S3Backend:
         return True
 
     def get(self, key: str) -> bytes:
-        res = self._call(f"reading {key}", self.s3.get_object, Key=self._key(key))
+        return self._body(key, self._call(f"reading {key}", self.s3.get_object, Key=self._key(key)))
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return self._body(key, self._call(f"reading {key}", self.s3.get_object, Key=self._key(key),
+                                          Range=f"bytes={offset}-{offset + length - 1}"))
+
+    def _body(self, key: str, res: dict) -> bytes:
         try:
             return res["Body"].read()
         except Exception as e:  # noqa: BLE001 - a connection cut mid-body

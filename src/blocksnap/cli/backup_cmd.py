@@ -112,8 +112,8 @@ def restore(settings: Settings, backup_id: str, target: str, repo_url: str, endp
     with progress_bar(settings, f"restore {backup_id}") as prog:
         res = _restore(repo, backup_id, target, verify, prog)
     emit(res, as_json, None if settings.quiet else
-         f"restored {res['backup']} to {target} ({format_size(res['size'])}"
-         f"{', verified' if res['verified'] else ''})")
+         f"restored {res['backup']} to {target} ({format_size(res['size'])}, "
+         f"{format_size(res['bytes_fetched'])} fetched{', verified' if res['verified'] else ''})")
 
 
 @click.command("backups")
