@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -30,6 +31,7 @@ from .crypto import ID_BYTES, Keys, parse_config
 from .manifest import Manifest
 
 PACK_TARGET = 16 << 20      # bytes of sealed chunks per pack object
+INDEX_READERS = 8           # index objects fetched at once when a command starts
 RAW, ZSTD = 0, 1            # first byte of a chunk's plaintext
 _N = struct.Struct("<I")
 
@@ -83,13 +85,14 @@ class Repository:
         return data
 
     def load_index(self) -> int:
-        """Read every pack's index: which chunks the repository holds, and where."""
+        """Read every pack's index: which chunks the repository holds, and where.
+        One request per pack, INDEX_READERS at a time (on S3 each is a round trip)."""
         self.where = {}
-        for key in sorted(self.backend.list("index")):
-            pack = key.split("/", 1)[1]
-            ids, offs, lens = self.read_index(pack)
-            for cid, off, ln in zip(ids, offs.tolist(), lens.tolist()):
-                self.where.setdefault(bytes(cid), (pack, off, ln))
+        packs = [key.split("/", 1)[1] for key in sorted(self.backend.list("index"))]
+        with ThreadPoolExecutor(max_workers=INDEX_READERS, thread_name_prefix="index") as pool:
+            for pack, (ids, offs, lens) in zip(packs, pool.map(self.read_index, packs)):
+                for cid, off, ln in zip(ids, offs.tolist(), lens.tolist()):
+                    self.where.setdefault(bytes(cid), (pack, off, ln))
         return len(self.where)
 
     def read_index(self, pack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
