@@ -290,6 +290,36 @@ def test_s3_objects_written_only_if_absent(s3_server: str, monkeypatch):
     assert b.get("config") == b"first"
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_ranged_reads_agree_on_both_backends(kind: str, s3_server: str, tmp_path: Path, monkeypatch):
+    """get_range: the bytes asked for, shorter at the end, nothing past it, and a
+    missing object is NotFound, the same on a directory and on S3."""
+    import boto3
+
+    from blocksnap.backup.backends import open_backend
+    from blocksnap.errors import NotFound
+
+    from .conftest import S3_ENV
+    if kind == "s3":
+        boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket="ranges")
+        for k, v in S3_ENV.items():
+            monkeypatch.setenv(k, v)
+        b = open_backend("s3://ranges/p", s3_server)
+    else:
+        b = open_backend(f"file://{tmp_path / 'repo'}")
+    data = bytes(range(256)) * 40
+    b.put("data/x", data)
+    assert b.get_range("data/x", 0, 10) == data[:10]
+    assert b.get_range("data/x", 1000, 3000) == data[1000:4000]
+    assert b.get_range("data/x", len(data) - 5, 100) == data[-5:]
+    assert b.get_range("data/x", len(data), 10) == b""
+    assert b.get_range("data/x", len(data) + 50, 10) == b""
+    assert b.get_range("data/x", 7, 0) == b""
+    with pytest.raises(NotFound):
+        b.get_range("data/missing", 0, 10)
+
+
 def test_a_pack_that_cannot_be_written_fails_the_backup_cleanly(local_repo: Repo):
     """An error on the pack-writing thread reaches the command as one line, with no
     manifest written and no thread left hanging."""

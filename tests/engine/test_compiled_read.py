@@ -193,7 +193,7 @@ def test_bad_arguments_are_refused(stores):
 def test_sizes_that_would_overflow_are_refused(stores):
     """n * block_size and ptr * unit must never wrap into a small, valid-looking number."""
     fast, _, _ = stores
-    with pytest.raises(ValueError):   # 4 blocks of 2**62 bytes: n * bs wraps to 0
+    with pytest.raises(ValueError):   # 4 blocks of 2**62 bytes would wrap n * bs to 0: over the 1 GiB cap
         fast.read_mapped(np.array([0, 2, 2, 2], np.uint64), np.zeros(4, np.uint64), 1 << 62, UNIT,
                          bytearray(UNIT), zero_holes=True, verify=True)
     with pytest.raises(OSError) as e:   # a map entry whose byte offset would wrap to store unit 2

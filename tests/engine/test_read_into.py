@@ -82,19 +82,57 @@ def test_read_into_bounds(tmp_path):
         vol.read_into(SIZE, memoryview(bytearray(0)))
 
 
+def _count_scratch(monkeypatch, module) -> list:
+    """Count the scratch buffers `module` takes for reads into a caller's buffer."""
+    from blocksnap.engine import blockio
+    taken = []
+
+    def counting(out, *a):
+        if out is None or a[0] or a[1] != a[2]:   # a scratch buffer, not the caller's
+            taken.append(a)
+        return blockio.read_buffer(out, *a)
+    monkeypatch.setattr(module, "read_buffer", counting)
+    return taken
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
-def test_cow_snapshot_unaligned_reads_from_origin_store_and_both(tmp_path, compiled):
+def test_cow_snapshot_unaligned_reads_from_origin_store_and_both(tmp_path, compiled, monkeypatch):
     """A COW snapshot's blocks come from the origin (unchanged since), from the store
-    (preserved before an overwrite), or from both: unaligned reads of each kind."""
+    (preserved before an overwrite), or from both: unaligned reads of each kind.
+    Only the mixed kind takes a scratch buffer here (the Python path takes its own
+    in blockio for store blocks)."""
+    from blocksnap.engine import cow
     pool, vol = _volume(tmp_path, "cow", compiled)
     with pool:
         old = os.urandom(SIZE)
         vol.write(0, old)
         snap = vol.snapshot("s")
         vol.write(8 * BS, os.urandom(8 * BS))          # blocks 8-15 preserved in the store
-        for off, n in [(BS + 100, 2 * BS),             # origin only
-                       (8 * BS + 5, 3 * BS + 7),       # store only
-                       (6 * BS + 9, 4 * BS)]:          # both
+        taken = _count_scratch(monkeypatch, cow)
+        for off, n, scratch in [(BS + 100, 2 * BS, 0),                      # origin only
+                                (8 * BS + 5, 3 * BS + 7, 0),                # store only
+                                (6 * BS + 9, 4 * BS, 1)]:                   # both
             out = bytearray(b"\xa5" * n)
+            before = len(taken)
             snap.read_into(off, memoryview(out))
             assert out == old[off:off + n], (off, n)
+            assert len(taken) - before == scratch, (off, n)
+
+
+def test_unaligned_row_reads_need_no_scratch_buffer(tmp_path, monkeypatch):
+    """Through the compiled path, a ROW read cut inside a block (as a loop device
+    cuts them) goes straight into the caller's buffer."""
+    from blocksnap.engine import blockio, row
+    pool, vol = _volume(tmp_path, "row")
+    with pool:
+        data = os.urandom(SIZE)
+        vol.write(0, data)
+        snap = vol.snapshot("s")
+        taken = _count_scratch(monkeypatch, row)
+        monkeypatch.setattr(blockio, "read_buffer", lambda *a: pytest.fail("scratch buffer in blockio"))
+        for obj in (vol, snap):
+            for off, n in [(BS + 100, 5 * BS), (3 * BS, 2 * BS + 9), (7, 10)]:
+                out = bytearray(b"\xa5" * n)
+                obj.read_into(off, memoryview(out))
+                assert out == data[off:off + n]
+        assert taken == []

@@ -23,6 +23,10 @@ class _Exists(RepoError):
     """A conditional write found the object already there."""
 
 
+class _PastEnd(RepoError):
+    """A ranged read started at or past the end of the object."""
+
+
 class Backend(Protocol):
     url: str
 
@@ -156,6 +160,8 @@ class S3Backend:
                 raise NotFound(f"{self.url}: object {kw['Key']} is missing") from None
             if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise _Exists() from None
+            if code == "InvalidRange":
+                raise _PastEnd() from None
             if code == "NoSuchBucket":
                 raise RepoError(f"{self.url}: no such bucket {self.bucket!r}") from None
             raise RepoError(f"{self.url}: {what} failed: {code or e}") from None
@@ -178,8 +184,12 @@ class S3Backend:
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
-        return self._body(key, self._call(f"reading {key}", self.s3.get_object, Key=self._key(key),
-                                          Range=f"bytes={offset}-{offset + length - 1}"))
+        try:
+            res = self._call(f"reading {key}", self.s3.get_object, Key=self._key(key),
+                             Range=f"bytes={offset}-{offset + length - 1}")
+        except _PastEnd:
+            return b""   # as a file would: nothing there (the chunk then fails its check)
+        return self._body(key, res)
 
     def _body(self, key: str, res: dict) -> bytes:
         try:
