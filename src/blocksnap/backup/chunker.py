@@ -44,16 +44,17 @@ class Chunker:
     def _record(self, data: bytes) -> list[tuple[bytes, bytes | None]]:
         """(ID, sealed blob or None when already stored) for each chunk of a record."""
         mv = memoryview(data)
-        out = []
-        for i in range(0, len(mv), self.bs):
-            piece = mv[i:i + self.bs]
-            cid = self.repo.keys.chunk_id(piece)
-            with self._lock:
-                new = cid not in self._seen and cid not in self.repo.where
+        pieces = [mv[i:i + self.bs] for i in range(0, len(mv), self.bs)]
+        cids = [self.repo.keys.chunk_id(p) for p in pieces]
+        stored = self.repo.index.lookup(np.frombuffer(b"".join(cids), np.uint8))[0] >= 0   # one search
+        fresh = []
+        with self._lock:
+            for cid, known in zip(cids, stored.tolist()):
+                new = not known and cid not in self._seen
                 if new:
                     self._seen.add(cid)
-            out.append((cid, self.repo.chunk_blob(cid, piece) if new else None))
-        return out
+                fresh.append(new)
+        return [(cid, self.repo.chunk_blob(cid, p) if new else None) for cid, p, new in zip(cids, pieces, fresh)]
 
     def _finish_oldest(self) -> None:
         first, fut = self._window.popleft()

@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import BlocksnapError, NotFound
 from ..retention import Policy, decide
+from .chunk_index import KEY, ChunkIndex, keys_of, member, missing_chunks
 from .repo import Repository
 
 Progress = Callable[[int, int], None] | None
@@ -29,25 +32,24 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
     problems: list[str] = []
     packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
     indexes = [k.split("/", 1)[1] for k in repo.backend.list("index")]
-    where: dict[bytes, tuple[str, int, int]] = {}
-    contents: dict[str, list[tuple[bytes, int, int]]] = {}
-    for pack in indexes:
+    contents: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    good = []   # packs whose chunks count as stored: present and long enough
+    for pack in sorted(indexes):
         try:
             ids, offs, lens = repo.read_index(pack)
         except BlocksnapError as e:
             problems.append(str(e))
             continue
-        rows = [(bytes(c), o, n) for c, o, n in zip(ids, offs.tolist(), lens.tolist())]
-        contents[pack] = rows
-        end = max((o + n for _, o, n in rows), default=0)
+        contents[pack] = (ids, offs, lens)
+        end = int((offs.astype(np.int64) + lens).max()) if len(lens) else 0
         if pack not in packs:
-            problems.append(f"pack {pack} is missing (its index names {len(rows)} chunks)")
+            problems.append(f"pack {pack} is missing (its index names {len(lens)} chunks)")
             continue
         if packs[pack] < end:
             problems.append(f"pack {pack} is cut short: {packs[pack]} bytes, its index needs {end}")
             continue
-        for cid, o, n in rows:
-            where.setdefault(cid, (pack, o, n))
+        good.append((pack, ids, offs, lens))
+    index = ChunkIndex.build(good)
     backups = 0
     for bid in repo.backup_ids():
         try:
@@ -56,14 +58,14 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
             problems.append(str(e))
             continue
         backups += 1
-        lost = {bytes(c) for c in m.ids[m.ids.any(axis=1)]} - where.keys()
+        lost = missing_chunks(index, m.ids)
         if lost:
-            problems.append(f"backup {bid}: {len(lost)} of its chunks are not stored")
+            problems.append(f"backup {bid}: {lost} of its chunks are not stored")
     checked = 0
     if read_data:
         total = sum(packs.get(p, 0) for p in contents)
         done = 0
-        for pack, rows in sorted(contents.items()):
+        for pack, (ids, offs, lens) in sorted(contents.items()):
             if pack not in packs:
                 continue
             try:
@@ -71,7 +73,7 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
             except NotFound as e:
                 problems.append(str(e))
                 continue
-            for cid, o, n in rows:
+            for cid, o, n in zip(map(bytes, ids), offs.tolist(), lens.tolist()):
                 try:
                     repo.open_chunk(cid, blob[o:o + n], f"chunk {cid.hex()} in pack {pack}")
                     checked += 1
@@ -80,7 +82,7 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
             done += packs[pack]
             if progress:
                 progress(done, total)
-    return {"repository": repo.url, "backups": backups, "packs": len(packs), "chunks": len(where),
+    return {"repository": repo.url, "backups": backups, "packs": len(packs), "chunks": len(index),
             "chunks_read": checked, "read_data": read_data,
             "unindexed_packs": sorted(set(packs) - set(contents)), "problems": problems}
 
@@ -103,16 +105,15 @@ def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | 
             return report
         for bid in remove:
             repo.delete_manifest(bid)
-        live = set()
-        for m in manifests:
-            if m.id not in remove:
-                live.update(bytes(c) for c in m.ids[m.ids.any(axis=1)])
+        named = [keys_of(m.ids[m.ids.any(axis=1)]) for m in manifests if m.id not in remove]
+        live = np.unique(np.concatenate(named)) if named else np.empty(0, KEY)
         report.update(_collect(repo, live))
         repo.backend.sweep()
         return report
 
 
-def _collect(repo: Repository, live: set[bytes]) -> dict[str, int]:
+def _collect(repo: Repository, live: np.ndarray) -> dict[str, int]:
+    """Delete or rewrite the packs whose chunks are not all in `live` (sorted keys)."""
     packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
     deleted = rewritten = freed = 0
     indexed = set()
@@ -120,16 +121,17 @@ def _collect(repo: Repository, live: set[bytes]) -> dict[str, int]:
         pack = key.split("/", 1)[1]
         indexed.add(pack)
         ids, offs, lens = repo.read_index(pack)
-        rows = [(bytes(c), o, n) for c, o, n in zip(ids, offs.tolist(), lens.tolist())]
-        keep = [r for r in rows if r[0] in live]
+        alive = member(keys_of(ids), live)
+        kept_bytes = int(lens[alive].sum())
         size = packs.get(pack, 0)
-        if keep and sum(n for _, _, n in keep) >= REPACK_BELOW * sum(n for _, _, n in rows):
+        if alive.any() and kept_bytes >= REPACK_BELOW * int(lens.sum()):
             continue
-        if keep:
+        if alive.any():
             blob = memoryview(repo.backend.get(f"data/{pack}"))
-            repo.write_pack([(c, bytes(blob[o:o + n])) for c, o, n in keep])
+            repo.write_pack([(bytes(c), bytes(blob[o:o + n]))
+                             for c, o, n in zip(ids[alive], offs[alive].tolist(), lens[alive].tolist())])
             rewritten += 1
-            freed += size - sum(n for _, _, n in keep)
+            freed += size - kept_bytes
         else:
             deleted += 1
             freed += size

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import BlocksnapError, CorruptionError, InvalidArgument
 from ..streams.format import DATA, StreamError, StreamReader, StreamTruncated
 from ..units import split_snapshot_ref
+from .chunk_index import missing_chunks
 from .chunker import Chunker
 from .crypto import ID_BYTES
 from .manifest import Manifest, chunk_count, new_backup_id
@@ -69,9 +70,9 @@ def make_backup(repo: Repository, origin: dict[str, str], ref: str, mode: str, p
         base, note = choose_base(repo, origin, vname, sname, mode, created)
         repo.load_index()
         info, ids, stats = _run(repo, produce, base, vname, sname, progress)
-        lost = {bytes(c) for c in ids[ids.any(axis=1)]} - repo.where.keys()
+        lost = missing_chunks(repo.index, ids)
         if lost:   # never write a manifest that names a chunk the repository lacks
-            raise CorruptionError(f"{repo.url}: {len(lost)} chunks of {ref} are not stored; no backup made "
+            raise CorruptionError(f"{repo.url}: {lost} chunks of {ref} are not stored; no backup made "
                                   f"(was the repository pruned or unlocked under a running backup?)")
         m = Manifest(dict(info, id=new_backup_id(), time=time.time(), mode="full" if base is None else mode,
                           requested_mode=mode, base=base.id if base else None, stats=stats, **origin), ids)

@@ -27,6 +27,7 @@ import zstandard
 
 from ..errors import Busy, CorruptionError, InvalidArgument, NotFound
 from .backends import Backend, open_backend
+from .chunk_index import ChunkIndex
 from .crypto import ID_BYTES, Keys, parse_config
 from .manifest import Manifest
 
@@ -40,7 +41,7 @@ class Repository:
     def __init__(self, backend: Backend, keys: Keys, config: dict):
         self.backend, self.keys, self.config = backend, keys, config
         self.url = backend.url
-        self.where: dict[bytes, tuple[str, int, int]] = {}   # chunk ID -> (pack, offset, length)
+        self.index = ChunkIndex()     # chunk ID -> (pack, offset, length), after load_index
         self._local = threading.local()    # zstd contexts are not thread-safe: one per thread
 
     # -- opening -------------------------------------------------------------
@@ -87,13 +88,11 @@ class Repository:
     def load_index(self) -> int:
         """Read every pack's index: which chunks the repository holds, and where.
         One request per pack, INDEX_READERS at a time (on S3 each is a round trip)."""
-        self.where = {}
         packs = [key.split("/", 1)[1] for key in sorted(self.backend.list("index"))]
         with ThreadPoolExecutor(max_workers=INDEX_READERS, thread_name_prefix="index") as pool:
-            for pack, (ids, offs, lens) in zip(packs, pool.map(self.read_index, packs)):
-                for cid, off, ln in zip(ids, offs.tolist(), lens.tolist()):
-                    self.where.setdefault(bytes(cid), (pack, off, ln))
-        return len(self.where)
+            parts = [(pack, *got) for pack, got in zip(packs, pool.map(self.read_index, packs))]
+        self.index = ChunkIndex.build(parts)
+        return len(self.index)
 
     def read_index(self, pack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         what = f"{self.url}: index of pack {pack}"
@@ -115,8 +114,7 @@ class Repository:
         self.backend.put(f"data/{pack}", b"".join(b for _, b in blobs))
         index = _N.pack(len(blobs)) + b"".join(c for c, _ in blobs) + offs.tobytes() + lens.tobytes()
         self.backend.put(f"index/{pack}", self.keys.seal(index, f"index/{pack}".encode()))
-        for (cid, _), off, ln in zip(blobs, offs.tolist(), lens.tolist()):
-            self.where.setdefault(cid, (pack, off, ln))
+        self.index.add(pack, [c for c, _ in blobs], offs.tolist(), lens.tolist())
         return pack
 
     # -- manifests -----------------------------------------------------------

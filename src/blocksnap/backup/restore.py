@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ import numpy as np
 from ..engine.blockio import mask_runs
 from ..errors import AlreadyExists, CorruptionError, InvalidArgument
 from ..store.filestore import device_size
+from .chunk_index import keys_of
 from .crypto import ZERO_ID
 from .manifest import Manifest
 from .repo import Repository
@@ -65,17 +65,7 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
     repo.load_index()
     bs, size = m.info["chunk_size"], m.info["size"]
     stored = np.flatnonzero(m.ids.any(axis=1))
-    by_pack: dict[str, list[tuple[bytes, int, int, list[int]]]] = defaultdict(list)
-    positions: dict[bytes, list[int]] = defaultdict(list)
-    for i in stored.tolist():
-        positions[m.ids[i].tobytes()].append(i)
-    missing = [cid for cid in positions if cid not in repo.where]
-    if missing:
-        raise CorruptionError(f"backup {m.id}: {len(missing)} of its chunks are not in the repository "
-                              f"(run `blocksnap verify --repo {repo.url}`)")
-    for cid, where in positions.items():
-        pack, off, ln = repo.where[cid]
-        by_pack[pack].append((cid, off, ln, where))
+    plan = Plan(repo, m, stored)
     fd, is_dev = _open_target(target, size)
     done = fetched = 0
 
@@ -84,7 +74,7 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
         (bytes written, bytes fetched). Packs go in parallel: decrypting,
         decompressing and hashing release the GIL."""
         n = fetched = 0
-        for start, end, items in fetch_spans(by_pack[pack]):
+        for start, end, items in fetch_spans(plan.entries(pack)):
             blob = memoryview(repo.backend.get_range(f"data/{pack}", start, end - start))
             fetched += len(blob)
             for cid, off, ln, where in items:
@@ -97,7 +87,7 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
 
     try:
         with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="restore") as pool:
-            futures = [pool.submit(one_pack, p) for p in sorted(by_pack)]
+            futures = [pool.submit(one_pack, p) for p in sorted(plan.packs)]
             try:
                 for f in futures:
                     written, got = f.result()
@@ -122,6 +112,32 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
     checked = _verify(repo, m, target) if verify else None
     return {"backup": m.id, "target": target, "size": size, "chunks": int(len(stored)),
             "bytes_written": done, "bytes_fetched": fetched, "verified": checked}
+
+
+class Plan:
+    """Which distinct chunks a backup needs from each pack, and the blocks each
+    fills: numpy arrays (about 50 bytes a chunk), turned into Python tuples one
+    pack at a time, as the pack is restored."""
+
+    def __init__(self, repo: Repository, m: Manifest, stored: np.ndarray):
+        named = m.ids[stored]
+        uniq, first, inverse = np.unique(keys_of(named), return_index=True, return_inverse=True)
+        pack_no, self.offs, self.lens = repo.index.lookup(named[first])
+        if (pack_no < 0).any():
+            raise CorruptionError(f"backup {m.id}: {int(np.count_nonzero(pack_no < 0))} of its chunks are not "
+                                  f"in the repository (run `blocksnap verify --repo {repo.url}`)")
+        inverse = inverse.ravel()
+        order = np.argsort(inverse, kind="stable")
+        self.uniq, self.blocks = uniq, stored[order]
+        self.bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        by = np.lexsort((self.offs, pack_no))          # each pack's chunks in offset order
+        cuts = np.flatnonzero(np.diff(pack_no[by])) + 1
+        self.packs = {repo.index.packs[int(pack_no[g[0]])]: g for g in np.split(by, cuts) if len(g)}
+
+    def entries(self, pack: str) -> list[tuple[bytes, int, int, list[int]]]:
+        """(chunk ID, offset, length, blocks) of each chunk needed from `pack`."""
+        return [(self.uniq[u].tobytes(), int(self.offs[u]), int(self.lens[u]),
+                 self.blocks[self.bounds[u]:self.bounds[u + 1]].tolist()) for u in self.packs[pack].tolist()]
 
 
 def fetch_spans(entries: list, gap: int = FETCH_GAP) -> list[tuple[int, int, list]]:
