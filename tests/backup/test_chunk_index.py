@@ -47,8 +47,20 @@ def test_index_answers_like_the_dict_first_pack_wins(packs, added, queries):
         assert member(keys_of(probe), live).tolist() == [c in set(queries) for c in model]
 
 
-def test_an_entry_costs_32_bytes():
+def test_an_entry_costs_32_bytes_and_added_chunks_are_merged_in(monkeypatch):
+    from blocksnap.backup import chunk_index
+    monkeypatch.setattr(chunk_index, "MERGE_AT", 100)
     n = 1000
-    ids = np.random.default_rng(1).integers(0, 256, (n, ID_BYTES), np.uint8)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 256, (n, ID_BYTES), np.uint8)
     ix = ChunkIndex.build([("p", ids, np.arange(n, dtype=np.uint64), np.ones(n, np.uint32))])
-    assert sum(a.nbytes for a in (ix.keys, ix.pack_no, ix.offs, ix.lens)) == 32 * n
+    assert ix.nbytes() == 32 * n
+    more = rng.integers(1, 256, (600, ID_BYTES), np.uint8)
+    for k in range(0, 600, 50):     # packs of 50, as a backup writes them
+        rows = more[k:k + 50]
+        ix.add(f"q{k}", [bytes(r) for r in rows], list(range(k, k + 50)), [7] * 50)
+    assert len(ix._new) < 250 and ix.nbytes() > 32 * n        # merged: not all in the dict
+    assert len(ix) == 1600
+    assert ix.get(bytes(more[0])) == ("q0", 0, 7) and ix.get(bytes(more[599])) == ("q550", 599, 7)
+    assert ix.get(bytes(ids[5])) == ("p", 5, 1)
+    assert (ix.lookup(np.concatenate([ids, more]))[0] >= 0).all()

@@ -7,7 +7,9 @@ bytes (the ID, a pack number, an offset, a length), lookups are binary searches
 packs resolves to the first pack in name order, as `load_index` reads them.
 
 Chunks added after the build (the packs this process writes) go into a small
-dict beside the arrays: a backup adds only its new chunks.
+dict beside the arrays, merged into them whenever it grows past a quarter of
+their size (at least MERGE_AT entries), so a first backup of a large volume
+does not hold all its chunks in Python objects either.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 from .crypto import ID_BYTES
 
 KEY = np.dtype(f"V{ID_BYTES}")   # an ID as one opaque value: sorts and compares bytewise
+MERGE_AT = 1 << 16               # added chunks kept in a dict before a merge, at least
 
 
 def keys_of(ids: np.ndarray) -> np.ndarray:
@@ -36,46 +39,48 @@ def member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 class ChunkIndex:
     def __init__(self) -> None:
         self.packs: list[str] = []                 # pack number -> name
-        self.keys = np.empty(0, KEY)               # sorted, unique
-        self.pack_no = np.empty(0, np.uint32)
-        self.offs = np.empty(0, np.uint64)
-        self.lens = np.empty(0, np.uint32)
-        self._new: dict[bytes, tuple[int, int, int]] = {}   # added since the build
+        # sorted unique keys, pack numbers, offsets, lengths: replaced whole by a
+        # merge, so a reader that took the tuple once sees one consistent state
+        self._arrays = (np.empty(0, KEY), np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.uint32))
+        self._new: dict[bytes, tuple[int, int, int]] = {}   # added since the last merge
         self._lock = threading.Lock()
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._arrays[0]
 
     @classmethod
     def build(cls, parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> "ChunkIndex":
         """From each pack's index (name, ids, offsets, lengths), in name order."""
         ix = cls()
         ix.packs = [p for p, *_ in parts]
-        if not parts:
-            return ix
-        keys = np.concatenate([keys_of(ids) for _, ids, _, _ in parts])
-        pack_no = np.concatenate([np.full(len(o), i, np.uint32) for i, (_, _, o, _) in enumerate(parts)])
-        offs = np.concatenate([o for _, _, o, _ in parts]).astype(np.uint64)
-        lens = np.concatenate([n for _, _, _, n in parts]).astype(np.uint32)
-        order = np.argsort(keys, kind="stable")    # stable: the first pack comes first
-        keys = keys[order]
-        first = np.ones(len(keys), bool)
-        first[1:] = keys[1:] != keys[:-1]
-        take = order[first]
-        ix.keys, ix.pack_no, ix.offs, ix.lens = keys[first], pack_no[take], offs[take], lens[take]
+        if parts:
+            ix._arrays = _sorted_unique(
+                np.concatenate([keys_of(ids) for _, ids, _, _ in parts]),
+                np.concatenate([np.full(len(o), i, np.uint32) for i, (_, _, o, _) in enumerate(parts)]),
+                np.concatenate([o for _, _, o, _ in parts]).astype(np.uint64),
+                np.concatenate([n for _, _, _, n in parts]).astype(np.uint32))
         return ix
 
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays)
+
     def __len__(self) -> int:
-        return len(self.keys) + len(self._new)
+        return len(self._arrays[0]) + len(self._new)
 
     def __contains__(self, cid: bytes) -> bool:
         return self.get(cid) is not None
 
     def get(self, cid: bytes) -> tuple[str, int, int] | None:
         """(pack, offset, length) of one chunk, or None."""
-        if len(self.keys):
+        new = self._new                  # (first: a merge may empty it after the arrays are read)
+        keys, pack_no, offs, lens = self._arrays
+        if len(keys):
             key = np.frombuffer(cid, KEY)
-            i = int(np.searchsorted(self.keys, key)[0])
-            if i < len(self.keys) and self.keys[i] == key[0]:
-                return self.packs[int(self.pack_no[i])], int(self.offs[i]), int(self.lens[i])
-        hit = self._new.get(cid)
+            i = int(np.searchsorted(keys, key)[0])
+            if i < len(keys) and keys[i] == key[0]:
+                return self.packs[int(pack_no[i])], int(offs[i]), int(lens[i])
+        hit = new.get(cid)
         return None if hit is None else (self.packs[hit[0]], hit[1], hit[2])
 
     def add(self, pack: str, cids: list[bytes], offs: list[int], lens: list[int]) -> None:
@@ -86,24 +91,50 @@ class ChunkIndex:
             for cid, off, ln in zip(cids, offs, lens):
                 if cid not in self:
                     self._new[cid] = (no, off, ln)
+            if len(self._new) >= max(MERGE_AT, len(self._arrays[0]) // 4):
+                self._merge()
+
+    def _merge(self) -> None:
+        """Fold the added chunks into the arrays (under the lock)."""
+        keys, pack_no, offs, lens = self._arrays
+        added = self._new
+        vals = np.array(list(added.values()), np.uint64).reshape(-1, 3)
+        self._arrays = _sorted_unique(
+            np.concatenate([keys, np.frombuffer(b"".join(added), KEY)]),
+            np.concatenate([pack_no, vals[:, 0].astype(np.uint32)]),
+            np.concatenate([offs, vals[:, 1]]),
+            np.concatenate([lens, vals[:, 2].astype(np.uint32)]))
+        self._new = {}                   # (after the arrays: readers take the dict first)
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pack numbers (-1: not stored), offsets and lengths of (n, ID_BYTES) ids."""
+        new = self._new
+        skeys, spack, soffs, slens = self._arrays
         keys = keys_of(ids)
         pack_no = np.full(len(keys), -1, np.int64)
         offs = np.zeros(len(keys), np.uint64)
         lens = np.zeros(len(keys), np.uint32)
-        if len(self.keys) and len(keys):
-            at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            hit = self.keys[at] == keys
-            pack_no[hit] = self.pack_no[at[hit]]
-            offs[hit], lens[hit] = self.offs[at[hit]], self.lens[at[hit]]
-        if self._new:
+        if len(skeys) and len(keys):
+            at = np.minimum(np.searchsorted(skeys, keys), len(skeys) - 1)
+            hit = skeys[at] == keys
+            pack_no[hit] = spack[at[hit]]
+            offs[hit], lens[hit] = soffs[at[hit]], slens[at[hit]]
+        if new:
             for i in np.flatnonzero(pack_no < 0).tolist():
-                got = self._new.get(keys[i].tobytes())
+                got = new.get(keys[i].tobytes())
                 if got is not None:
                     pack_no[i], offs[i], lens[i] = got
         return pack_no, offs, lens
+
+
+def _sorted_unique(keys, pack_no, offs, lens) -> tuple[np.ndarray, ...]:
+    """Sorted by key, the first of equal keys kept (the sort is stable)."""
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    first = np.ones(len(keys), bool)
+    first[1:] = keys[1:] != keys[:-1]
+    take = order[first]
+    return keys[first], pack_no[take], offs[take], lens[take]
 
 
 def missing_chunks(index: ChunkIndex, ids: np.ndarray) -> int:
