@@ -26,14 +26,10 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from blocksnap.units import parse_size  # noqa: E402
 
 REQUEST = 512 << 10
 THREADS = (1, 2, 4)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 10, "M": 20, "G": 30}
-    return int(text[:-1]) << units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
 def fill(pool_dir: str, size: int) -> None:

@@ -65,11 +65,11 @@ class RowVolume(VolumeBase):
             token = pool.reader_enter()
         start, nbytes = offset - b0 * bs, (b1 - b0) * bs
         try:
-            with contextlib.ExitStack() as stack:
-                if out is not None:   # straight into the caller's buffer, block-aligned or not
-                    dest, skip, n = out[:length], start, length
-                else:                 # whole blocks into a pooled buffer, then copied out
-                    dest, skip, n = stack.enter_context(read_buffer(None, 0, nbytes, nbytes)), 0, nbytes
+            # straight into the caller's buffer, block-aligned or not; else whole
+            # blocks into a pooled buffer, then copied out
+            skip, n = (start, length) if out is not None else (0, nbytes)
+            with (contextlib.nullcontext(out[:length]) if out is not None
+                  else read_buffer(None, 0, nbytes, nbytes)) as dest:
                 try:
                     read_stored(pool.store, ptrs, sums, bs, dest, where, b0, zero_holes=True, skip=skip, length=n)
                 except CorruptionError:
