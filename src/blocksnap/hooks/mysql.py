@@ -12,6 +12,8 @@ A lock not granted by the deadline is killed from a second connection (KILL QUER
 as a second bound besides the session's lock_wait_timeout, so the server is never left
 waiting on (and blocking writers behind) our lock request. If the deadline passes while
 the locks are held, the holding session is dropped, which releases them.
+
+The lifecycle (sessions, timing, the record entry's status) is `Quiescer`'s.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ import json
 import math
 import re
 import socket
-import threading
 import time
 from typing import Any
 
-from .dsn import parse_mysql, scrub
+from .dsn import parse_mysql
 from .guard import DeadlineTimer
 from .plan import HookError
+from .quiescer import Quiescer
 
 SYSTEM_SCHEMAS = ("mysql", "information_schema", "performance_schema", "sys")
 
@@ -35,38 +37,30 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
 
 
-class MysqlQuiescer:
+class MysqlQuiescer(Quiescer):
     kind = "mysql"
     blocks_writes = True
+    interrupted_text = ("not granted within the {timeout:g} s freeze timeout "
+                        "(a long query or lock is in the way; killed)")
 
     def __init__(self, url: str, timeout: float):
-        self.target = parse_mysql(url)
-        self.timeout = timeout
-        self.conn: Any = None
-        self.ctl: Any = None
-        self._ctl_lock = threading.Lock()
+        super().__init__(parse_mysql(url), timeout)
         self.release_sql: list[str] = []
-        self.started = False
         self.dropped = False
-        self.ms = 0.0
-        self.held_from: float | None = None
-        self.block_start: float | None = None
-        self.block_end: float | None = None
-        self._in_flight = False
-        self.entry: dict[str, Any] = {"kind": "mysql", "target": self.target.redacted, "status": "skipped"}
 
-    def name(self) -> str:
-        return f"mysql {self.target.redacted}"
+    # ------------------------------------------------------------------ driver
+    def _db_error(self) -> type[Exception]:
+        import pymysql
 
-    def _clean(self, e: BaseException) -> str:
+        return pymysql.Error
+
+    def _error_message(self, e: BaseException) -> str:
         args = getattr(e, "args", ())
         if len(args) >= 2 and isinstance(args[0], int):
-            msg = f"{args[1]} ({args[0]})"
-        else:
-            msg = str(e) or type(e).__name__
-        return scrub(msg, self.target.secrets)
+            return f"{args[1]} ({args[0]})"
+        return str(e) or type(e).__name__
 
-    def _connect(self, remaining: float):
+    def _connect(self, remaining: float) -> Any:
         import pymysql
 
         # read_timeout: a last bound on a hung server (lock requests are killed long before)
@@ -85,84 +79,63 @@ class MysqlQuiescer:
             cols = [d[0] for d in (cur.description or [])]
             return [dict(zip(cols, r, strict=False)) for r in cur.fetchall() or []]
 
-    def _kill(self, what: str, thread_id: int) -> None:
-        with self._ctl_lock:
-            if self.ctl is not None:
-                with self.ctl.cursor() as cur:
-                    cur.execute(f"KILL {what} {int(thread_id)}")
+    def _kill(self, ctl: Any, what: str) -> None:
+        with ctl.cursor() as cur:
+            cur.execute(f"KILL {what} {int(self.entry.get('connection_id', 0))}")
+
+    def _cancel_on(self, ctl: Any) -> None:
+        self._kill(ctl, "QUERY")
+
+    def _kill_session(self) -> None:
+        """KILL CONNECTION from the control connection: the server drops every lock."""
+        self._with_ctl(lambda ctl: self._kill(ctl, "CONNECTION"))
 
     def _locked_stmt(self, sql: str, timer: DeadlineTimer) -> None:
         """Run a lock statement; KILL QUERY from the control session at the deadline."""
-        import pymysql
-
-        tid = self.conn.thread_id()
-        handle = timer.add(lambda: self._kill("QUERY", tid))
-        self._in_flight = True
-        try:
+        def run() -> None:
             with self.conn.cursor() as cur:
                 cur.execute(sql)
-        except pymysql.Error as e:
-            code = e.args[0] if e.args else None
-            if code in (1317, 1205) or timer.expired():  # interrupted / lock wait timeout
-                raise HookError(f"{self.name()}: {sql} not granted within the {self.timeout:g} s "
-                                f"freeze timeout (a long query or lock is in the way; killed)") from None
-            raise HookError(f"{self.name()}: {sql} failed: {self._clean(e)}") from None
-        finally:
-            self._in_flight = False
-            timer.remove(handle)
+
+        def interrupted(e: BaseException) -> bool:  # interrupted / lock wait timeout
+            return (e.args[0] if e.args else None) in (1317, 1205) or timer.expired()
+
+        self._guarded(sql, timer, run, interrupted)
 
     # ------------------------------------------------------------------ quiesce
-    def quiesce(self, timer: DeadlineTimer) -> None:
-        import pymysql
-
-        t0 = time.monotonic()
-        self.started = True
-        self.entry["status"] = "failed"
-        try:
-            try:
-                self.conn = self._connect(timer.remaining())
-                self.ctl = self._connect(timer.remaining())
-            except pymysql.Error as e:
-                raise HookError(f"{self.name()}: cannot connect: {self._clean(e)}") from None
-            version = str(self._query("SELECT VERSION()")[0][0])
-            mariadb = "mariadb" in version.lower()
-            vt = _version_tuple(version)
-            self.entry.update(server_version=version, flavor="mariadb" if mariadb else "mysql",
-                              connection_id=self.conn.thread_id())
-            wait = max(1, math.ceil(timer.remaining()) + 1)  # the KILL comes first
-            self._query(f"SET SESSION lock_wait_timeout = {wait}")
-            if mariadb and vt >= (10, 4, 1):
-                steps = ["BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"]
-                self.release_sql = ["BACKUP STAGE END"]
-            elif not mariadb and vt >= (8, 0, 0):
-                steps = ["LOCK INSTANCE FOR BACKUP"]
-                self.release_sql = ["UNLOCK INSTANCE"]
-                others = self._query(
-                    "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_TYPE = 'BASE TABLE' "
-                    "AND ENGINE IS NOT NULL AND ENGINE <> 'InnoDB' AND TABLE_SCHEMA NOT IN "
-                    f"({', '.join(repr(s) for s in SYSTEM_SCHEMAS)})")[0][0]
-                self.entry["non_innodb_tables"] = int(others)
-                if others:
-                    steps.append("FLUSH TABLES WITH READ LOCK")
-                    self.release_sql.insert(0, "UNLOCK TABLES")
-            else:
-                steps = ["FLUSH TABLES WITH READ LOCK"]
-                self.release_sql = ["UNLOCK TABLES"]
-            self.block_start = time.monotonic()
-            for i, sql in enumerate(steps):
-                self._locked_stmt(sql, timer)
-                self.entry["locks"] = steps[: i + 1]
-            lock_ms = (time.monotonic() - self.block_start) * 1000
-            self.entry["lock_wait_ms"] = round(lock_ms, 3)
-            self._record_coordinates(mariadb, vt)
-            if timer.expired():
-                raise HookError(f"{self.name()}: locks not taken within the {self.timeout:g} s freeze timeout")
-            self.held_from = time.monotonic()
-            self.entry["status"] = "held"
-        except pymysql.Error as e:
-            raise HookError(f"{self.name()}: {self._clean(e)}") from None
-        finally:
-            self.ms += (time.monotonic() - t0) * 1000
+    def _hold(self, timer: DeadlineTimer) -> None:
+        version = str(self._query("SELECT VERSION()")[0][0])
+        mariadb = "mariadb" in version.lower()
+        vt = _version_tuple(version)
+        self.entry.update(server_version=version, flavor="mariadb" if mariadb else "mysql",
+                          connection_id=self.conn.thread_id())
+        wait = max(1, math.ceil(timer.remaining()) + 1)  # the KILL comes first
+        self._query(f"SET SESSION lock_wait_timeout = {wait}")
+        if mariadb and vt >= (10, 4, 1):
+            steps = ["BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"]
+            self.release_sql = ["BACKUP STAGE END"]
+        elif not mariadb and vt >= (8, 0, 0):
+            steps = ["LOCK INSTANCE FOR BACKUP"]
+            self.release_sql = ["UNLOCK INSTANCE"]
+            others = self._query(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_TYPE = 'BASE TABLE' "
+                "AND ENGINE IS NOT NULL AND ENGINE <> 'InnoDB' AND TABLE_SCHEMA NOT IN "
+                f"({', '.join(repr(s) for s in SYSTEM_SCHEMAS)})")[0][0]
+            self.entry["non_innodb_tables"] = int(others)
+            if others:
+                steps.append("FLUSH TABLES WITH READ LOCK")
+                self.release_sql.insert(0, "UNLOCK TABLES")
+        else:
+            steps = ["FLUSH TABLES WITH READ LOCK"]
+            self.release_sql = ["UNLOCK TABLES"]
+        self.block_start = time.monotonic()  # writers wait from the first lock request
+        for i, sql in enumerate(steps):
+            self._locked_stmt(sql, timer)
+            self.entry["locks"] = steps[: i + 1]
+        lock_ms = (time.monotonic() - self.block_start) * 1000
+        self.entry["lock_wait_ms"] = round(lock_ms, 3)
+        self._record_coordinates(mariadb, vt)
+        if timer.expired():
+            raise HookError(f"{self.name()}: locks not taken within the {self.timeout:g} s freeze timeout")
 
     def _record_coordinates(self, mariadb: bool, vt: tuple[int, ...]) -> None:
         import pymysql
@@ -213,70 +186,31 @@ class MysqlQuiescer:
             except OSError:
                 pass
         try:
-            self._kill("CONNECTION", self.entry.get("connection_id", 0))
+            self._kill_session()
         except Exception:  # noqa: BLE001
             pass
 
-    def release(self) -> str | None:
+    def _release_held(self) -> None:
         import pymysql
 
-        t0 = time.monotonic()
-        err = None
-        try:
-            if self.dropped:
-                raise HookError("locks released early: the session was dropped at the deadline")
+        if self.dropped:
+            raise HookError("locks released early: the session was dropped at the deadline")
+        for sql in self.release_sql:
+            try:
+                self._query(sql)
+            except pymysql.Error as e:
+                raise HookError(f"{sql} failed (session lost?): {self._clean(e)}") from None
+
+    def _undo(self) -> None:
+        if self._in_flight and self.conn is not None:
+            # interrupted in the middle of a lock request: kill the whole session
+            try:
+                self._kill_session()
+            except Exception:  # noqa: BLE001
+                pass
+        elif self.conn is not None and self.conn.open:
             for sql in self.release_sql:
                 try:
                     self._query(sql)
-                except pymysql.Error as e:
-                    raise HookError(f"{sql} failed (session lost?): {self._clean(e)}") from None
-            self.entry["status"] = "ok"
-        except HookError as e:
-            err = str(e)
-            self.entry["status"] = "failed"
-            self.entry["error"] = err
-        finally:
-            self.block_end = time.monotonic()
-            self._close()
-            self.ms += (time.monotonic() - t0) * 1000
-            self._finish()
-        return f"{self.name()}: {err}" if err else None
-
-    def abort(self) -> None:
-        t0 = time.monotonic()
-        try:
-            if self._in_flight and self.conn is not None:
-                # interrupted in the middle of a lock request: kill the whole session
-                try:
-                    self._kill("CONNECTION", self.entry.get("connection_id", 0))
-                except Exception:  # noqa: BLE001
-                    pass
-            elif self.conn is not None and self.conn.open:
-                for sql in self.release_sql:
-                    try:
-                        self._query(sql)
-                    except Exception:  # noqa: BLE001 - e.g. BACKUP STAGE END without START
-                        pass
-        finally:
-            if self.block_start is not None:
-                self.block_end = time.monotonic()
-            self._close()
-            if self.entry["status"] in ("held", "skipped"):
-                self.entry["status"] = "aborted"
-            self.ms += (time.monotonic() - t0) * 1000
-            self._finish()
-
-    def _finish(self) -> None:
-        self.entry["ms"] = round(self.ms, 3)
-        if self.held_from is not None:
-            self.entry["held_ms"] = round((time.monotonic() - self.held_from) * 1000, 3)
-
-    def _close(self) -> None:
-        with self._ctl_lock:
-            ctl, self.ctl = self.ctl, None
-        for c in (self.conn, ctl):
-            if c is not None:
-                try:
-                    c.close()
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - e.g. BACKUP STAGE END without START
                     pass
