@@ -63,7 +63,7 @@ def measure(read_part, size: int, threads: int, repeat: int) -> tuple[float, flo
 
 
 def child(mode: str, pool_dir: str, size: int, repeat: int) -> dict:
-    """One reader, in this process (the read path is chosen at import)."""
+    """One reader, in this process (BLOCKSNAP_PURE_PYTHON, read as the pool opens, picks the read path)."""
     from blocksnap.engine.pool import Pool
     from blocksnap.store import filestore
     if mode == "compiled" and filestore._blockread is None:

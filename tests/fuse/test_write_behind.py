@@ -3,9 +3,9 @@ snapshots, discards and fsync, a full pool still fails the write that does not f
 an error met later is reported, and kill -9 of the daemon under queued writes
 leaves every snapshot and the live volume as a model says (fuse/write_behind.py).
 
-The daemon runs with BLOCKSNAP_TEST_WRITE_BEHIND_DELAY, so queued data waits a
-second before it reaches the engine: each check below fails if the drain it
-covers is missing.
+The daemon runs with a write-behind delay (slow_queue/sitecustomize.py sets it
+there), so queued data waits a second before it reaches the engine: each check
+below fails if the drain it covers is missing.
 """
 from __future__ import annotations
 
@@ -30,7 +30,17 @@ from .conftest import sh, wait_for
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-SLOW = {"BLOCKSNAP_TEST_WRITE_BEHIND_DELAY": "1.0"}
+SLOW_QUEUE = os.path.join(os.path.dirname(__file__), "slow_queue")
+
+
+def _slow(seconds: float) -> dict:
+    """The environment of a `serve` whose daemon holds queued data back `seconds`
+    (VolumeQueue.default_delay, set by slow_queue/sitecustomize.py at its start)."""
+    path = os.pathsep.join(p for p in (SLOW_QUEUE, os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "BLOCKSNAP_TEST_WRITE_BEHIND_DELAY": str(seconds)}
+
+
+SLOW = _slow(1.0)
 MiB = 1 << 20
 
 
@@ -300,7 +310,7 @@ def test_kill_9_under_queued_writes_matches_the_model(served):
     base = bytes(size)
     for rounds in range(4):
         seed = 100 + rounds
-        _serve(served, {"BLOCKSNAP_TEST_WRITE_BEHIND_DELAY": "0.05"})   # a queue that lags
+        _serve(served, _slow(0.05))   # a queue that lags
         served.cli("snapshot", "create", "vm1@start")
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(img), str(served.pool), str(seed), str(size)],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

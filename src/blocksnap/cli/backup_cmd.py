@@ -10,25 +10,25 @@ import click
 
 from ..errors import BlocksnapError, InvalidArgument, NotFound
 from ..service.runner import call
+from ..settings import PASSWORD_FILE_ENV, REPO_ENV, REPO_PASSWORD_ENV, S3_ENDPOINT_ENV
 from ..units import format_size
 from .context import Settings, emit, json_option, pass_settings, table
 from .options import keep_options, keep_policy
 from .progress import progress_bar
 
-PASSWORD_ENV = "BLOCKSNAP_REPO_PASSWORD"
-
 
 def repo_options(fn):
-    fn = click.option("--password-file", envvar="BLOCKSNAP_PASSWORD_FILE", type=click.Path(dir_okay=False),
-                      help=f"Read the repository password from this file (else env {PASSWORD_ENV}, "
+    fn = click.option("--password-file", envvar=PASSWORD_FILE_ENV, type=click.Path(dir_okay=False),
+                      help=f"Read the repository password from this file (else env {REPO_PASSWORD_ENV}, "
                            "else a prompt on a terminal).")(fn)
-    fn = click.option("--endpoint", envvar="BLOCKSNAP_S3_ENDPOINT", metavar="URL",
+    fn = click.option("--endpoint", envvar=S3_ENDPOINT_ENV, metavar="URL",
                       help="S3 endpoint for s3:// repositories that are not AWS (MinIO, Ceph RGW...).")(fn)
-    return click.option("--repo", "repo_url", envvar="BLOCKSNAP_REPO", required=True, metavar="URL",
-                        help="file:///PATH or s3://BUCKET[/PREFIX] (env BLOCKSNAP_REPO).")(fn)
+    return click.option("--repo", "repo_url", envvar=REPO_ENV, required=True, metavar="URL",
+                        help=f"file:///PATH or s3://BUCKET[/PREFIX] (env {REPO_ENV}).")(fn)
 
 
-def _password_source(password_file: str | None):
+def _password_source(password_file: str | None, env_password: str | None):
+    """The password: from --password-file, else `env_password` (BLOCKSNAP_REPO_PASSWORD), else a prompt."""
     def get(new: bool) -> bytes:
         if password_file:
             try:
@@ -36,22 +36,23 @@ def _password_source(password_file: str | None):
                     pw = f.read().rstrip(b"\r\n")
             except OSError as e:
                 raise InvalidArgument(f"{password_file}: {e.strerror}") from None
-        elif os.environ.get(PASSWORD_ENV):
-            pw = os.environ[PASSWORD_ENV].encode()
+        elif env_password:
+            pw = env_password.encode()
         elif sys.stdin.isatty():
             pw = click.prompt("new repository password" if new else "repository password", hide_input=True,
                               confirmation_prompt=new, err=True).encode()
         else:
-            raise InvalidArgument(f"the repository needs a password: set {PASSWORD_ENV} or use --password-file")
+            raise InvalidArgument(f"the repository needs a password: set {REPO_PASSWORD_ENV} or use --password-file")
         if not pw:
             raise InvalidArgument("the repository password is empty")
         return pw
     return get
 
 
-def _open(repo_url: str, endpoint: str | None, password_file: str | None, create: bool = False):
+def _open(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None,
+          create: bool = False):
     from ..backup.repo import Repository
-    return Repository.open(repo_url, _password_source(password_file), endpoint, create)
+    return Repository.open(repo_url, _password_source(password_file, settings.env.repo_password), endpoint, create)
 
 
 def _when(t: float) -> str:
@@ -79,7 +80,7 @@ def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, pa
 
     if snapshot_created(ref) is None:    # before a repository is made for nothing
         raise NotFound(f"no snapshot {ref}")
-    repo, created = _open(repo_url, endpoint, password_file, create=True)
+    repo, created = _open(settings, repo_url, endpoint, password_file, create=True)
     if created and not settings.quiet:
         click.echo(f"initialised the repository {repo_url}", err=True)
 
@@ -108,7 +109,7 @@ def restore(settings: Settings, backup_id: str, target: str, repo_url: str, endp
             password_file: str | None, verify: bool, as_json: bool) -> None:
     """Write a backup to a new raw image file or onto a block device."""
     from ..backup.restore import restore as _restore
-    repo, _ = _open(repo_url, endpoint, password_file)
+    repo, _ = _open(settings, repo_url, endpoint, password_file)
     with progress_bar(settings, f"restore {backup_id}") as prog:
         res = _restore(repo, backup_id, target, verify, prog)
     emit(res, as_json, None if settings.quiet else
@@ -124,7 +125,7 @@ def restore(settings: Settings, backup_id: str, target: str, repo_url: str, endp
 def backups(settings: Settings, volume: str | None, repo_url: str, endpoint: str | None,
             password_file: str | None, as_json: bool) -> None:
     """List the backups in a repository, oldest first."""
-    repo, _ = _open(repo_url, endpoint, password_file)
+    repo, _ = _open(settings, repo_url, endpoint, password_file)
     items = [m.info for m in repo.manifests() if volume is None or m.volume == volume]
     rows = [{"id": i["id"], "snapshot": f"{i['source']['volume']}@{i['source']['snapshot']}", "mode": i["mode"],
              "time": _when(i["time"]), "size": format_size(i["size"]), "read": format_size(i["stats"]["read_bytes"]),
@@ -141,7 +142,7 @@ def verify(settings: Settings, repo_url: str, endpoint: str | None, password_fil
            read_data: bool, as_json: bool) -> None:
     """Check that every backup in a repository can be restored."""
     from ..backup.maintain import verify as _verify
-    repo, _ = _open(repo_url, endpoint, password_file)
+    repo, _ = _open(settings, repo_url, endpoint, password_file)
     with progress_bar(settings, "verify") as prog:
         res = _verify(repo, read_data, prog)
     read = f", {res['chunks_read']} read back" if read_data else ""
@@ -166,7 +167,7 @@ def prune(settings: Settings, repo_url: str, endpoint: str | None, password_file
     only they used."""
     from ..backup.maintain import prune as _prune
     policy = keep_policy(keep)
-    repo, _ = _open(repo_url, endpoint, password_file)
+    repo, _ = _open(settings, repo_url, endpoint, password_file)
     res = _prune(repo, policy, dry_run)
     text = None
     if not settings.quiet:
@@ -187,7 +188,7 @@ def prune(settings: Settings, repo_url: str, endpoint: str | None, password_file
 def unlock(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None,
            everything: bool) -> None:
     """Remove the locks a killed backup, restore or prune left in a repository."""
-    repo, _ = _open(repo_url, endpoint, password_file)
+    repo, _ = _open(settings, repo_url, endpoint, password_file)
     removed, kept = repo.unlock(everything)
     if not settings.quiet:
         click.echo(f"removed {removed} locks" + (f"; kept {kept} held by running processes or other hosts "

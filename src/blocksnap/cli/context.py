@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
-DEFAULT_POOL = "/var/lib/blocksnap"
+from ..settings import Settings as EnvSettings
 
 
 @dataclass
 class Settings:
+    """The global options, and the environment's settings (read once, at startup:
+    settings.py), which the commands pass down."""
+
     pool: str
     verbose: int = 0
     quiet: bool = False
     debug: bool = False
+    env: EnvSettings = field(default_factory=EnvSettings.from_env)
 
     @property
     def show_progress(self) -> bool:
@@ -45,7 +48,3 @@ def table(rows: list[dict], columns: list[str]) -> str:
     for r in rows:
         lines.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
     return "\n".join(lines)
-
-
-def env_pool() -> str:
-    return os.environ.get("BLOCKSNAP_POOL", DEFAULT_POOL)

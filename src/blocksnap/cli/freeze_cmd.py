@@ -14,7 +14,7 @@ import click
 from ..errors import InvalidArgument
 from ..hooks import (DEFAULT_TIMEOUT, MAX_TIMEOUT, FreezePlan, HookError, current_deadline,
                      recover_stale_freezes, run_frozen)
-from .context import Settings, emit, env_pool, json_option
+from .context import EnvSettings, Settings, emit, json_option
 
 TIMEOUT_EXIT = 124  # like timeout(1)
 
@@ -102,8 +102,11 @@ def freeze(ctx: click.Context, fs, pg, pg_mode, mysql, pre, post, shell, timeout
     Exits with COMMAND's exit status, 124 if COMMAND was killed at the timeout.
     Example: blocksnap freeze --fs /srv --pg 'host=/run/postgresql' -- lvcreate -s -n snap vg/srv
     """
-    settings = ctx.find_object(Settings) or Settings(pool=env_pool())
-    for r in recover_stale_freezes():
+    settings = ctx.find_object(Settings)
+    if settings is None:   # `freeze` run alone (tests/hooks/freeze_cli.py), without the group
+        env = EnvSettings.from_env()
+        settings = Settings(pool=env.pool, env=env)
+    for r in recover_stale_freezes(settings.env):
         if r.get("status") == "thawed":
             click.echo(f"warning: thawed {r['path']}, left frozen by blocksnap pid {r.get('pid')}", err=True)
     command = list(command)
@@ -117,7 +120,7 @@ def freeze(ctx: click.Context, fs, pg, pg_mode, mysql, pre, post, shell, timeout
                       post=list(post), timeout=timeout, shell=shell)
     try:
         record = run_frozen(plan, lambda: _run_command(command),
-                            succeeded=lambda r: r.get("exit_code") == 0)
+                            succeeded=lambda r: r.get("exit_code") == 0, settings=settings.env)
     except HookError as e:
         if as_json and e.record is not None:
             emit(e.record, True)

@@ -7,12 +7,13 @@ import traceback
 import click
 
 from ..errors import BlocksnapError
-from .context import DEFAULT_POOL, Settings
+from ..settings import DEFAULT_POOL, POOL_ENV
+from .context import EnvSettings, Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--pool", envvar="BLOCKSNAP_POOL", default=DEFAULT_POOL, show_default=True,
-              help="Pool directory (env BLOCKSNAP_POOL).")
+@click.option("--pool", envvar=POOL_ENV, default=DEFAULT_POOL, show_default=True,
+              help=f"Pool directory (env {POOL_ENV}).")
 @click.option("-v", "--verbose", count=True, help="More output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, less output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -20,19 +21,20 @@ from .context import DEFAULT_POOL, Settings
 @click.pass_context
 def cli(ctx: click.Context, pool: str, verbose: int, quiet: bool, debug: bool) -> None:
     """blocksnap: block-level snapshots, FUSE export, freeze hooks and backups."""
-    ctx.obj = Settings(pool=pool, verbose=verbose, quiet=quiet, debug=debug)
+    env = EnvSettings.from_env()   # the environment, read once (a bad value: error: NAME=...)
+    ctx.obj = Settings(pool=pool, verbose=verbose, quiet=quiet, debug=debug, env=env)
     if verbose or debug:
         import logging
         logging.basicConfig(level=logging.DEBUG if verbose > 1 or debug else logging.INFO,
                             format="blocksnap: %(name)s: %(message)s")
-    _rethaw_stale_freezes()
+    _rethaw_stale_freezes(env)
 
 
-def _rethaw_stale_freezes() -> None:
+def _rethaw_stale_freezes(env: EnvSettings) -> None:
     """A blocksnap killed while a filesystem was frozen left a record: thaw it now."""
     try:
         from ..hooks import recover_stale_freezes
-        for item in recover_stale_freezes():
+        for item in recover_stale_freezes(env):
             if item.get("status") == "thawed":
                 click.echo(f"warning: thawed {item['path']}, left frozen by blocksnap pid "
                            f"{item.get('pid')}", err=True)

@@ -20,7 +20,7 @@ def _note(settings: Settings, text: str) -> None:
 
 
 def _remote(settings: Settings, op: str, **args) -> dict:
-    res = try_remote(settings.pool, op, args)
+    res = try_remote(settings.pool, op, args, daemon_timeout=settings.env.daemon_timeout)
     if res is NOT_RUNNING:
         raise BlocksnapError(f"no daemon serves {os.path.abspath(settings.pool)} "
                              "(start one with 'blocksnap attach' or 'blocksnap serve')")
@@ -49,6 +49,7 @@ def serve(settings: Settings, mountpoint: str, foreground: bool, read_only: bool
         from ..service.daemon import Daemon, setup_logging
         setup_logging(settings.pool, settings.debug)
         Daemon(settings.pool, mountpoint, read_only=read_only, allow_other=allow_other,
+               loop_direct_io=settings.env.loop_direct_io, write_behind=settings.env.write_behind,
                debug=settings.debug).run()
         return
     st = daemon_spawn.start(settings.pool, mountpoint, read_only=read_only, allow_other=allow_other,
@@ -84,7 +85,8 @@ def detach(settings: Settings, target: str) -> None:
 @pass_settings
 def stop(settings: Settings, force: bool) -> None:
     """Stop the pool's daemon (refused while devices are attached or a receive runs, unless --force)."""
-    if force and try_remote(settings.pool, "daemon_status", {}) is NOT_RUNNING:
+    if force and try_remote(settings.pool, "daemon_status", {},
+                            daemon_timeout=settings.env.daemon_timeout) is NOT_RUNNING:
         # a daemon killed with -9 leaves its mounts and devices: take them down
         done = daemon_spawn.cleanup_dead(settings.pool)
         _note(settings, "no daemon was running; " + (f"cleaned up {', '.join(done)}" if done else "nothing to clean up"))
@@ -120,7 +122,8 @@ def mount(settings: Settings, ref: str, directory: str, as_json: bool) -> None:
 @pass_settings
 def umount(settings: Settings, directory: str) -> None:
     """Unmount a snapshot mounted with `blocksnap mount` and free its loop device."""
-    res = try_remote(settings.pool, "umount", {"directory": os.path.abspath(directory)})
+    res = try_remote(settings.pool, "umount", {"directory": os.path.abspath(directory)},
+                     daemon_timeout=settings.env.daemon_timeout)
     if res is NOT_RUNNING:
         from ..service.daemon_state import offline_umount
         dev = offline_umount(settings.pool, directory)

@@ -37,7 +37,8 @@ def create(settings: Settings, ref, fs, pg, pg_mode, mysql, pre, post, shell, fr
            labels, as_json) -> None:
     """Take a snapshot; with hooks, application- or filesystem-consistent."""
     info = create_snapshot(settings.pool, ref, parse_labels(labels), fs=fs, pg=pg, pg_mode=pg_mode,
-                           mysql=mysql, pre=pre, post=post, timeout=freeze_timeout, shell=shell)
+                           mysql=mysql, pre=pre, post=post, timeout=freeze_timeout, shell=shell,
+                           settings=settings.env)
     text = None
     if not settings.quiet:
         text = f"created snapshot {info['ref']} ({info['consistency']})"

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 
+# mfusepy's own variable, not a blocksnap setting (those are read in settings.py),
+# and the one place blocksnap changes its environment. It must run before mfusepy
+# is imported: above the imports of fs.py and mount.py, the only modules that
+# import mfusepy (any other must import it through this package too).
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
 
 from .fs import BlocksnapFS  # noqa: E402

@@ -27,7 +27,6 @@ import mfusepy
 from mfusepy import FuseOSError
 
 from ..errors import BlocksnapError, CorruptionError, OutOfSpace
-from . import write_behind
 from .write_behind import SpaceGuard, VolumeQueue, Writeback
 
 log = logging.getLogger("blocksnap.fuse")
@@ -76,12 +75,17 @@ class Handle:
 
 
 class BlocksnapFS(mfusepy.Operations):
-    """mfusepy operations over an open Pool; thread-safe through the pool's lock."""
+    """mfusepy operations over an open Pool; thread-safe through the pool's lock.
+
+    `write_behind` False sends every write to the engine before it is acknowledged,
+    without the queue (BLOCKSNAP_WRITE_BEHIND=off, which the daemon passes on).
+    """
 
     use_ns = True
 
     def __init__(self, pool: Any, *, read_only: bool = False, allow_other: bool = False,
-                 on_init: Callable[[], None] | None = None, max_write: int = MAX_WRITE):
+                 on_init: Callable[[], None] | None = None, max_write: int = MAX_WRITE,
+                 write_behind: bool = True):
         self.pool = pool
         self.read_only = read_only
         self.on_init = on_init
@@ -103,7 +107,7 @@ class BlocksnapFS(mfusepy.Operations):
         self._closing = False
         self.queues: dict[str, VolumeQueue] = {}   # write-behind, per live image open to write
         self._queues_lock = threading.Lock()
-        self.write_behind = write_behind.enabled()
+        self.write_behind = write_behind
         self.space_guard = SpaceGuard(pool.free_bytes)
         self.writeback: Writeback | None = None   # started with the first queue
         self._queues_closed = False

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
 import threading
 import time
 from typing import Any, Callable
@@ -43,12 +42,6 @@ LIMIT = 8                # chunks queued per volume before writers wait
 IDLE = 0.0005            # seconds an open chunk waits for the next request
 LOW_WATER = 2 * CHUNK * LIMIT   # below this much free space beyond the queue: write through
 KICK = 32 << 20          # bytes written by the workers between two writeback starts
-ENABLE_ENV = "BLOCKSNAP_WRITE_BEHIND"            # "off": every write goes straight to the engine
-DELAY_ENV = "BLOCKSNAP_TEST_WRITE_BEHIND_DELAY"  # tests: seconds queued data waits, to show the drains
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "on").lower() not in ("0", "off", "no")
 
 
 def _address(view: memoryview) -> int:
@@ -157,9 +150,18 @@ class Writeback:
 
 
 class VolumeQueue:
-    """The write-behind queue of one live volume, with its worker thread."""
+    """The write-behind queue of one live volume, with its worker thread.
 
-    def __init__(self, vol: Any, space: SpaceGuard, writeback: Writeback | None = None):
+    `delay` holds every chunk back that many seconds before the worker hands it to
+    the engine: 0 in use. Tests set it, per queue, or for every queue a process
+    makes through `default_delay` (which the daemon's queues take), so that a
+    missing drain shows as a read, snapshot or fsync that misses queued data.
+    """
+
+    default_delay = 0.0
+
+    def __init__(self, vol: Any, space: SpaceGuard, writeback: Writeback | None = None, *,
+                 delay: float | None = None):
         self.vol = vol
         self.space = space
         self.writeback = writeback
@@ -171,7 +173,7 @@ class VolumeQueue:
         self.draining = 0
         self.error: BaseException | None = None
         self.closed = False
-        self.delay = float(os.environ.get(DELAY_ENV) or 0)
+        self.delay = self.default_delay if delay is None else delay
         self.thread = threading.Thread(target=self._work, name=f"write-behind {vol.name}", daemon=True)
         self.thread.start()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from ..settings import MYSQL_PWD_ENV, Settings, resolve
 from .plan import HookError
 
 SECRET_KEYS = ("password", "sslpassword")
@@ -112,7 +113,9 @@ def read_my_cnf(path: str | None = None) -> dict[str, str]:
     return out
 
 
-def parse_mysql(url: str) -> MysqlTarget:
+def parse_mysql(url: str, settings: Settings | None = None) -> MysqlTarget:
+    """The target of a --mysql URL. Its password: the URL's, else MYSQL_PWD (in
+    `settings`; None: the environment's now), else ~/.my.cnf's."""
     try:
         u = urlsplit(url)
         port = u.port
@@ -130,8 +133,8 @@ def parse_mysql(url: str) -> MysqlTarget:
     source: str | None
     if u.password is not None:
         password, source = unquote(u.password), "url"
-    elif os.environ.get("MYSQL_PWD") is not None:
-        password, source = os.environ["MYSQL_PWD"], "MYSQL_PWD"
+    elif (env_pwd := resolve(settings).mysql_pwd) is not None:
+        password, source = env_pwd, MYSQL_PWD_ENV
     elif cnf.get("password") is not None:
         password, source = cnf["password"], "~/.my.cnf"
     else:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..settings import Settings, resolve
 from .dsn import scrub
 from .fsfreeze import FsFreezer
 from .generic import run_hook
@@ -105,8 +106,9 @@ def _ms(a: float | None, b: float | None) -> float:
 
 
 class _Run:
-    def __init__(self, plan: FreezePlan):
+    def __init__(self, plan: FreezePlan, settings: Settings):
         self.plan = plan
+        self.settings = settings
         self.t_start = time.monotonic()
         self.record: dict[str, Any] = {
             "consistency": "crash", "freeze_ms": 0.0, "total_ms": 0.0, "timeout": plan.timeout,
@@ -204,7 +206,7 @@ class _Run:
     # --------------------------------------------------------------- the run
     def execute(self, action: Callable[[], Any], succeeded: Callable[[Any], bool] | None) -> dict:
         plan = self.plan
-        recover_stale_freezes()
+        recover_stale_freezes(self.settings)
         label = f"blocksnap {plan.volume or ''}@{plan.snapshot or ''}".strip() \
             if (plan.volume or plan.snapshot) else f"blocksnap freeze {self.record['started_at']}"
         # Parse and validate everything first: a bad DSN or mountpoint runs nothing.
@@ -241,7 +243,7 @@ class _Run:
                                              deadline_unix + WATCHDOG_GRACE_S)
                     self.state = FreezeRecord.add(self.fs.devs, [(m.path, m.dev) for m in self.fs.unique()],
                                                   deadline_unix + WATCHDOG_GRACE_S, self.watchdog.pid,
-                                                  plan.volume, plan.snapshot)
+                                                  plan.volume, plan.snapshot, self.settings)
                     if self.state is None:
                         raise HookError("no runtime directory for the freeze record outside the filesystems "
                                         "to freeze (set BLOCKSNAP_RUNTIME_DIR)")
@@ -361,16 +363,19 @@ class _Run:
 
 
 def run_frozen(plan: FreezePlan, action: Callable[[], Any], *,
-               succeeded: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+               succeeded: Callable[[Any], bool] | None = None,
+               settings: Settings | None = None) -> dict[str, Any]:
     """Quiesce everything in `plan`, call `action()` (which takes the snapshot), undo.
 
     Returns the freeze record (JSON-serialisable if the action's result is). Raises
     HookError (with `.record`) if anything fails before the action, after undoing it;
     an exception from the action itself is re-raised after the undo (with `.record`).
     `succeeded(result)` decides BLOCKSNAP_RESULT for the post hooks (default: ok).
+    `settings` gives the runtime directory of the freeze record (settings.py; None:
+    the environment's now).
     """
     if not isinstance(plan, FreezePlan):
         raise TypeError("run_frozen needs a FreezePlan")
     if not callable(action):
         raise TypeError("action must be callable")
-    return _Run(plan).execute(action, succeeded)
+    return _Run(plan, resolve(settings)).execute(action, succeeded)

@@ -5,7 +5,8 @@ numbers, the deadline) to ``frozen.json`` in a runtime directory that is never o
 filesystem being frozen (tmpfs: /run/blocksnap, $XDG_RUNTIME_DIR/blocksnap or
 /dev/shm/blocksnap-UID; $BLOCKSNAP_RUNTIME_DIR overrides). The entry is removed after
 the thaw. `recover_stale_freezes()` thaws the mounts of entries whose process is gone
-(or is past its deadline) and drops them; the CLI calls it at startup.
+(or is past its deadline) and drops them; the CLI calls it at startup. The two
+variables come in a settings.Settings (`settings=None`: the environment's now).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import BlocksnapError
+from ..settings import Settings, resolve
 from .ioctls import FITHAW
 
 log = logging.getLogger("blocksnap.hooks")
@@ -28,16 +31,15 @@ LOCK_NAME = "frozen.lock"
 OVERDUE_GRACE_S = 5.0  # a live owner this long past its deadline is treated as stale
 
 
-def candidate_dirs() -> list[Path]:
+def candidate_dirs(settings: Settings | None = None) -> list[Path]:
+    settings = resolve(settings)
     out: list[Path] = []
-    env = os.environ.get("BLOCKSNAP_RUNTIME_DIR")
-    if env:
-        return [Path(env)]
+    if settings.runtime_dir:
+        return [Path(settings.runtime_dir)]
     if os.geteuid() == 0:
         out.append(Path("/run/blocksnap"))
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        out.append(Path(xdg) / "blocksnap")
+    if settings.xdg_runtime_dir:
+        out.append(Path(settings.xdg_runtime_dir) / "blocksnap")
     out.append(Path(f"/dev/shm/blocksnap-{os.geteuid()}"))
     return out
 
@@ -54,9 +56,9 @@ def _dir_dev(path: Path) -> int | None:
             p = p.parent
 
 
-def pick_dir(avoid_devs: set[int]) -> Path | None:
+def pick_dir(avoid_devs: set[int], settings: Settings | None = None) -> Path | None:
     """First usable runtime dir not on any of `avoid_devs` (created 0700), or None."""
-    for d in candidate_dirs():
+    for d in candidate_dirs(settings):
         dev = _dir_dev(d)
         if dev is None or dev in avoid_devs:
             continue
@@ -148,8 +150,9 @@ class FreezeRecord:
 
     @classmethod
     def add(cls, avoid_devs: set[int], mounts: list[tuple[str, int]], deadline: float,
-            watchdog_pid: int | None, volume: str | None, snapshot: str | None) -> "FreezeRecord | None":
-        d = pick_dir(avoid_devs)
+            watchdog_pid: int | None, volume: str | None, snapshot: str | None,
+            settings: Settings | None = None) -> "FreezeRecord | None":
+        d = pick_dir(avoid_devs, settings)
         if d is None:
             return None
         entry = {"pid": os.getpid(), "start_time": proc_start_time(os.getpid()),
@@ -190,7 +193,7 @@ def _thaw_path(path: str, dev: int | None) -> str:
         os.close(fd)
 
 
-def recover_stale_freezes() -> list[dict]:
+def recover_stale_freezes(settings: Settings | None = None) -> list[dict]:
     """Thaw filesystems left frozen by a blocksnap process that died (or overran).
 
     Returns one dict per mount acted on: {"path", "pid", "status"} where status is
@@ -198,7 +201,12 @@ def recover_stale_freezes() -> list[dict]:
     Never raises: it runs at CLI startup.
     """
     results: list[dict] = []
-    for d in candidate_dirs():
+    try:
+        dirs = candidate_dirs(settings)
+    except BlocksnapError as ex:   # a bad variable: the command itself reports it
+        log.warning("stale freeze recovery skipped: %s", ex)
+        return results
+    for d in dirs:
         try:
             if not (d / STATE_NAME).exists():
                 continue

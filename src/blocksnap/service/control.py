@@ -13,6 +13,7 @@ import socket
 from typing import Any, Callable, Iterator
 
 from .. import errors
+from ..settings import resolve
 
 SOCKET_NAME = "daemon.sock"
 NOT_RUNNING = object()
@@ -105,17 +106,18 @@ def request(sock: socket.socket, op: str, args: dict[str, Any], fds: list[int] |
     raise remote_error(resp)
 
 
-def try_remote(pool_path: str, op: str, args: dict[str, Any]) -> Any:
+def try_remote(pool_path: str, op: str, args: dict[str, Any], *, daemon_timeout: float | None = None) -> Any:
     """Run `op` in the pool's daemon if one serves it; NOT_RUNNING otherwise.
 
     An `fd` argument is passed as a file descriptor, not as a number; a `progress`
-    callback gets the daemon's progress reports."""
+    callback gets the daemon's progress reports. A QUICK_OPS answer is waited for
+    `daemon_timeout` seconds (None: BLOCKSNAP_DAEMON_TIMEOUT, settings.py)."""
     sock = connect(pool_path)
     if sock is None:
         return NOT_RUNNING
     fds = [args["fd"]] if "fd" in args else None
     if op in QUICK_OPS:   # a stopped or stuck daemon must not hang `status` forever
-        sock.settimeout(float(os.environ.get("BLOCKSNAP_DAEMON_TIMEOUT", "60")))
+        sock.settimeout(resolve(None).daemon_timeout if daemon_timeout is None else daemon_timeout)
     with sock:
         return request(sock, op, {k: v for k, v in args.items() if k not in ("progress", "fd")}, fds,
                        args.get("progress"))

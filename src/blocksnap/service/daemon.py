@@ -34,8 +34,6 @@ log = logging.getLogger("blocksnap.daemon")
 PR_SET_IO_FLUSHER = 57
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 READY_TIMEOUT = 30.0
-SPAWNED_ENV = "BLOCKSNAP_DAEMON_SPAWNED"
-LOOP_DIO_ENV = "BLOCKSNAP_LOOP_DIRECT_IO"
 
 
 def set_io_flusher() -> bool:
@@ -48,14 +46,15 @@ def set_io_flusher() -> bool:
 
 
 def setup_logging(pool_path: str, debug: bool = False) -> None:
-    """Everything to <pool>/daemon.log; to stderr as well when run in a terminal."""
+    """Everything to <pool>/daemon.log; to stderr as well when run in a terminal
+    (a daemon that daemon_spawn started has its stderr on daemon.log already)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     fh = logging.FileHandler(daemon_state.log_path(pool_path))
     fh.setFormatter(fmt)
     root.addHandler(fh)
-    if not os.environ.get(SPAWNED_ENV) and sys.stderr.isatty():
+    if sys.stderr.isatty():
         sh = logging.StreamHandler()
         sh.setFormatter(fmt)
         root.addHandler(sh)
@@ -63,15 +62,18 @@ def setup_logging(pool_path: str, debug: bool = False) -> None:
 
 
 class Daemon:
+    """`loop_direct_io` and `write_behind` are BLOCKSNAP_LOOP_DIRECT_IO and
+    BLOCKSNAP_WRITE_BEHIND of the command that starts it (`serve` passes its settings)."""
+
     def __init__(self, pool_path: str, mountpoint: str, *, read_only: bool = False,
-                 allow_other: bool = False, loop_direct_io: bool | None = None, debug: bool = False):
+                 allow_other: bool = False, loop_direct_io: bool = True, write_behind: bool = True,
+                 debug: bool = False):
         self.pool_path = os.path.abspath(pool_path)
         self.mountpoint = os.path.abspath(mountpoint)
         self.read_only = read_only
         self.allow_other = allow_other
-        if loop_direct_io is None:
-            loop_direct_io = os.environ.get(LOOP_DIO_ENV, "on").lower() not in ("0", "off", "no")
         self.loop_direct_io = loop_direct_io
+        self.write_behind = write_behind
         self.debug = debug
         self.ready = threading.Event()
         self.stopping = threading.Event()
@@ -106,7 +108,8 @@ class Daemon:
             log.warning("cleaned up after a daemon that died: %s", ", ".join(done))
         daemon_state.check_mountpoint(self.mountpoint)
         from ..fuse import BlocksnapFS  # late: loads libfuse only in the daemon
-        self.fs = BlocksnapFS(self.pool, read_only=self.read_only, allow_other=self.allow_other)
+        self.fs = BlocksnapFS(self.pool, read_only=self.read_only, allow_other=self.allow_other,
+                              write_behind=self.write_behind)
         threading.Thread(target=self._fuse_main, name="fuse", daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT
         while not self.fs.initialized.wait(0.05):

@@ -3,7 +3,9 @@
 The parent starts `blocksnap serve --foreground` in a new session, its output going
 to <pool>/daemon.log, and polls the control socket until the daemon answers
 `daemon_status` with ready (FUSE mounted, socket listening). If the child exits
-first, its last `error:` line from the log becomes the parent's error.
+first, its last `error:` line from the log becomes the parent's error. The child
+inherits this process's environment, so the settings of the command that starts
+the daemon (BLOCKSNAP_WRITE_BEHIND..., settings.py) are the daemon's.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from ..errors import BlocksnapError, Busy
 from .control import NOT_RUNNING, try_remote
-from .daemon import READY_TIMEOUT, SPAWNED_ENV
+from .daemon import READY_TIMEOUT
 from . import daemon_state
 from .daemon_state import log_path, pid_alive
 
@@ -62,8 +64,7 @@ def start(pool_path: str, mountpoint: str, *, read_only: bool = False, allow_oth
     with open(logf, "ab") as out:
         offset = out.tell()
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                 start_new_session=True, close_fds=True, cwd="/",
-                                 env=dict(os.environ, **{SPAWNED_ENV: "1"}))
+                                 start_new_session=True, close_fds=True, cwd="/")
     deadline = time.monotonic() + READY_TIMEOUT + 5
     while time.monotonic() < deadline:
         if child.poll() is not None:

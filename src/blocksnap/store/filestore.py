@@ -15,12 +15,11 @@ import struct
 import threading
 
 from ..errors import InvalidArgument, NotFound, OutOfSpace
+from ..settings import resolve
 
-try:  # the compiled read path (setup.py); BLOCKSNAP_PURE_PYTHON=1 turns it off
+try:  # the compiled read path (setup.py); a FileStore opened with pure_python does without
     from . import _blockread
 except ImportError:
-    _blockread = None
-if os.environ.get("BLOCKSNAP_PURE_PYTHON"):
     _blockread = None
 
 _BLKGETSIZE64 = 0x80081272
@@ -58,10 +57,20 @@ def start_writeback(fd: int) -> None:
 
 
 class FileStore:
-    """An open file or block device. Thread-safe: pread/pwrite carry their offset."""
+    """An open file or block device. Thread-safe: pread/pwrite carry their offset.
 
-    def __init__(self, path: str, *, writable: bool = True, create_size: int | None = None):
+    `pure_python` reads blocks with engine.blockio's Python code instead of the
+    compiled `read_mapped` (for comparison); None takes BLOCKSNAP_PURE_PYTHON
+    (settings.py).
+    """
+
+    def __init__(self, path: str, *, writable: bool = True, create_size: int | None = None,
+                 pure_python: bool | None = None):
         self.path = path
+        if pure_python is None:
+            pure_python = resolve(None).pure_python
+        if pure_python:
+            self.read_mapped = None   # (hides the compiled method of the class)
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create_size is not None:
             flags |= os.O_CREAT
