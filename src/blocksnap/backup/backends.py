@@ -140,10 +140,16 @@ class S3Backend:
         import boto3
         from botocore.config import Config
         self.bucket, self.prefix, self.url = bucket, prefix.strip("/"), url
+        # botocore 1.36+ sends a PUT's body over HTTPS aws-chunked with a trailing
+        # CRC32 by default; Ceph RGW 16 (and other S3-compatible stores) refuse that
+        # (MissingContentLength). Checksums only where S3 requires them: the chunks
+        # are AES-GCM sealed, so a damaged upload still fails verify and restore.
+        extra = ({"request_checksum_calculation": "when_required"}
+                 if "request_checksum_calculation" in Config.OPTION_DEFAULTS else {})
         try:
             self.s3 = boto3.client("s3", endpoint_url=endpoint,
                                    config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                                                 connect_timeout=10, read_timeout=60))
+                                                 connect_timeout=10, read_timeout=60, **extra))
         except ValueError as e:     # a malformed --endpoint
             raise InvalidArgument(f"invalid S3 endpoint {endpoint!r}: {e}") from None
 
