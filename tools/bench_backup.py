@@ -24,10 +24,9 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_fuse import drop_caches  # noqa: E402
-from bench_stream import cli, parse_args, run_rounds, timed  # noqa: E402
-
-from blocksnap.units import format_size  # noqa: E402
+from bench_fuse import drop_caches
+from bench_stream import cli, parse_args, run_rounds, timed
+from blocksnap.units import format_size
 
 PASSWORD = "bench-password"
 
@@ -99,7 +98,8 @@ def main() -> None:
         b, r = med[f"bs_{key}_s"], med[f"restic_{key}_s"]
         print(f"| {name} | {b:.2f} s | {r:.2f} s | **{r / b:.2f}** |")
     print(f"| repository after both backups | {format_size(int(med['bs_repo_bytes']))} | "
-          f"{format_size(int(med['restic_repo_bytes']))} | size ratio {med['restic_repo_bytes'] / med['bs_repo_bytes']:.2f} |")
+          f"{format_size(int(med['restic_repo_bytes']))} | "
+          f"size ratio {med['restic_repo_bytes'] / med['bs_repo_bytes']:.2f} |")
     for k in range(len(runs)):
         print(f"\nround {k + 1}: " + ", ".join(f"{n} {v:.2f}" for n, v in runs[k].items() if n.endswith("_s")), end="")
     print()

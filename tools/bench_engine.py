@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-import blocksnap  # noqa: E402
+import blocksnap
 
 MiB = 1 << 20
 
@@ -172,7 +172,7 @@ def bench_overwrite(root: str, mib: int) -> dict:
             v.flush()
             v.snapshot("s")
 
-            def over():
+            def over(v=v):
                 for i in range(n):
                     v.write(i * io, os.urandom(io))
                 v.flush()

@@ -26,7 +26,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from blocksnap.units import parse_size  # noqa: E402
+from blocksnap.units import parse_size
 
 REQUEST = 512 << 10
 THREADS = (1, 2, 4)

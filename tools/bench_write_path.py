@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-import blocksnap  # noqa: E402
+import blocksnap
 
 MiB = 1 << 20
 KiB = 1 << 10

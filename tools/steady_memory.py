@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 import sys
 from typing import Iterator
 

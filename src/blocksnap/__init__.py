@@ -4,10 +4,17 @@
     with blocksnap.Pool.create(path) as pool:
         vol = pool.create_volume("vm1", size=10 << 30)
 """
-from .engine.pool import Pool
-from .engine.snapshot import Snapshot
-from .errors import (AlreadyExists, BlocksnapError, Busy, CorruptionError, InvalidArgument,
-                     NotAPool, NotFound, OutOfSpace)
+from .engine import Pool, Snapshot
+from .errors import (
+                     AlreadyExists,
+                     BlocksnapError,
+                     Busy,
+                     CorruptionError,
+                     InvalidArgument,
+                     NotAPool,
+                     NotFound,
+                     OutOfSpace,
+)
 
 __all__ = ["Pool", "Snapshot", "BlocksnapError", "AlreadyExists", "Busy", "CorruptionError",
            "InvalidArgument", "NotAPool", "NotFound", "OutOfSpace"]

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from blocksnap.backup.chunk_index import ChunkIndex, keys_of, member, missing_chunks
 from blocksnap.backup.crypto import ID_BYTES
 
-ID = st.integers(1, 40).map(lambda i: i.to_bytes(2, "big") * (ID_BYTES // 2))   # few IDs: many repeats (all-zero is a hole)
+# few IDs: many repeats (all-zero is a hole)
+ID = st.integers(1, 40).map(lambda i: i.to_bytes(2, "big") * (ID_BYTES // 2))
 
 
 @settings(max_examples=150, deadline=None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import calendar
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blocksnap.errors import InvalidArgument
 from blocksnap.retention import Policy, decide, parse_duration

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 import blocksnap
+from blocksnap.errors import AlreadyExists
 
 from ..conftest import assert_cli_error, run_cli
 
@@ -120,7 +121,7 @@ def test_volume_create_list_show_resize_delete(cpool):
 
     assert js(cpool, "volume", "resize", "vm1", "20M")["size"] == 20 * M
     assert js(cpool, "volume", "show", "vm1")["size"] == 20 * M
-    assert js(cpool, "volume", "resize", "vm1", "5M")["size"] == 5 * M
+    assert js(cpool, "volume", "resize", "vm1", "5M", "--shrink")["size"] == 5 * M
     assert ok(cpool, "volume", "resize", "vm1", "6M").strip() == "resized vm1 to 6M"
 
     assert ok(cpool, "volume", "delete", "vm2").strip() == "deleted volume vm2"
@@ -160,7 +161,7 @@ def test_import_export_roundtrip_keeps_holes(cpool, tmp_path):
 
     # an existing file needs --force
     res = run_cli(cpool, "export", "disk@orig", out)
-    assert_cli_error(res, 1, "exists")
+    assert_cli_error(res, AlreadyExists.exit_code, "exists", "--force")
     rep = js(cpool, "export", "disk@orig", out, "--force")
     assert rep["size"] == 16 * M and rep["written"] <= 4 * bs
     assert filecmp.cmp(src, out, shallow=False)

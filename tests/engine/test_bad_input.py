@@ -15,6 +15,7 @@ import pytest
 
 import blocksnap
 from blocksnap.engine.layout import UNIT
+from blocksnap.errors import AlreadyExists, Busy, CorruptionError, NotAPool, NotFound, OutOfSpace
 
 from ..conftest import TEST_POOL_SIZE, assert_cli_error, run_cli
 
@@ -87,6 +88,9 @@ def world(tmp_path_factory):
     return {"dir": d, "pool": path, "fp": fingerprint(path)}
 
 
+# (name, arguments, exit code, text the one error line holds); the exit codes are the
+# error classes' (docs/usage.md, "Exit codes"): 1 general, 2 usage, 3 not found, 4 exists, 5 busy
+
 BAD = [
     # names
     ("name-space", ["volume", "create", "bad name", "--size", "1M"], 1, "invalid volume name"),
@@ -117,47 +121,47 @@ BAD = [
     # modes and origins
     ("mode", ["volume", "create", "v", "--size", "1M", "--mode", "zfs"], 2, "mode"),
     ("cow-no-origin", ["volume", "create", "v", "--mode", "cow"], 1, "origin"),
-    ("cow-missing-origin", ["volume", "create", "v", "--mode", "cow", "--origin", "{dir}/nope.img"], 1,
+    ("cow-missing-origin", ["volume", "create", "v", "--mode", "cow", "--origin", "{dir}/nope.img"], 3,
      "no such file"),
     ("cow-origin-dir", ["volume", "create", "v", "--mode", "cow", "--origin", "{dir}/emptydir"], 1,
      "not a regular file"),
-    ("cow-origin-in-use", ["volume", "create", "v", "--mode", "cow", "--origin", "{dir}/origin.img"], 1,
+    ("cow-origin-in-use", ["volume", "create", "v", "--mode", "cow", "--origin", "{dir}/origin.img"], 5,
      "already the origin"),
     ("cow-size-mismatch", ["volume", "create", "v", "--mode", "cow", "--origin", "{dir}/odd.img",
                            "--size", "4K"], 1, "differs"),
     ("row-with-origin", ["volume", "create", "v", "--size", "1M", "--origin", "{dir}/odd.img"], 1,
      "--origin"),
     # duplicates
-    ("dup-volume", ["volume", "create", "vm1", "--size", "1M"], 1, "already exists"),
-    ("dup-import", ["volume", "import", "vm1", "{dir}/good.img"], 1, "already exists"),
-    ("dup-snapshot", ["snapshot", "create", "vm1@s1"], 1, "already exists"),
-    ("dup-clone", ["snapshot", "clone", "vm1@s1", "vm2"], 1, "already exists"),
+    ("dup-volume", ["volume", "create", "vm1", "--size", "1M"], 4, "already exists"),
+    ("dup-import", ["volume", "import", "vm1", "{dir}/good.img"], 4, "already exists"),
+    ("dup-snapshot", ["snapshot", "create", "vm1@s1"], 4, "already exists"),
+    ("dup-clone", ["snapshot", "clone", "vm1@s1", "vm2"], 4, "already exists"),
     # things that do not exist
-    ("show-no-volume", ["volume", "show", "nope"], 1, "no volume"),
-    ("delete-no-volume", ["volume", "delete", "nope"], 1, "no volume"),
-    ("resize-no-volume", ["volume", "resize", "nope", "1M"], 1, "no volume"),
-    ("snap-no-volume", ["snapshot", "create", "nope@s1"], 1, "no volume"),
-    ("show-no-snap", ["snapshot", "show", "vm1@nope"], 1, "no snapshot"),
-    ("delete-no-snap", ["snapshot", "delete", "vm1@nope"], 1, "no snapshot"),
-    ("rollback-no-snap", ["snapshot", "rollback", "vm1@nope"], 1, "no snapshot"),
-    ("clone-no-snap", ["snapshot", "clone", "vm1@nope", "x"], 1, "no snapshot"),
-    ("diff-no-snap", ["snapshot", "diff", "vm1@s1", "vm1@nope"], 1, "no snapshot"),
-    ("export-no-snap", ["export", "vm1@nope", "{dir}/out.img"], 1, "no snapshot"),
-    ("list-no-volume", ["snapshot", "list", "nope"], 1, "no volume"),
-    ("scrub-no-volume", ["scrub", "nope"], 1, "no volume"),
-    ("scrub-no-snap", ["scrub", "vm1@nope"], 1, "no snapshot"),
+    ("show-no-volume", ["volume", "show", "nope"], 3, "no volume"),
+    ("delete-no-volume", ["volume", "delete", "nope"], 3, "no volume"),
+    ("resize-no-volume", ["volume", "resize", "nope", "1M"], 3, "no volume"),
+    ("snap-no-volume", ["snapshot", "create", "nope@s1"], 3, "no volume"),
+    ("show-no-snap", ["snapshot", "show", "vm1@nope"], 3, "no snapshot"),
+    ("delete-no-snap", ["snapshot", "delete", "vm1@nope"], 3, "no snapshot"),
+    ("rollback-no-snap", ["snapshot", "rollback", "vm1@nope"], 3, "no snapshot"),
+    ("clone-no-snap", ["snapshot", "clone", "vm1@nope", "x"], 3, "no snapshot"),
+    ("diff-no-snap", ["snapshot", "diff", "vm1@s1", "vm1@nope"], 3, "no snapshot"),
+    ("export-no-snap", ["export", "vm1@nope", "{dir}/out.img"], 3, "no snapshot"),
+    ("list-no-volume", ["snapshot", "list", "nope"], 3, "no volume"),
+    ("scrub-no-volume", ["scrub", "nope"], 3, "no volume"),
+    ("scrub-no-snap", ["scrub", "vm1@nope"], 3, "no snapshot"),
     # operations that do not apply
     ("diff-across-volumes", ["snapshot", "diff", "vm1@s1", "vm2@s1"], 1, "different volumes"),
-    ("delete-with-snapshots", ["volume", "delete", "vm1"], 1, "snapshot"),
+    ("delete-with-snapshots", ["volume", "delete", "vm1"], 5, "snapshot"),
     ("resize-cow", ["volume", "resize", "c1", "1M"], 1, "cow"),
     ("resize-zero", ["volume", "resize", "vm1", "0"], 1, "invalid volume size"),
     ("resize-odd", ["volume", "resize", "vm1", "1001"], 1, "multiple of 512"),
     ("resize-word", ["volume", "resize", "vm1", "big"], 2, "invalid size"),
-    ("export-exists", ["export", "vm1@s1", "{dir}/existing.img"], 1, "exists"),
+    ("export-exists", ["export", "vm1@s1", "{dir}/existing.img"], 4, "exists"),
     ("export-to-dir", ["export", "vm1@s1", "{dir}/emptydir"], 2, "directory"),
     ("import-odd-size", ["volume", "import", "v", "{dir}/odd.img"], 1, "multiple of 512"),
     ("import-empty", ["volume", "import", "v", "{dir}/empty.img"], 1, "multiple of 512"),
-    ("import-missing", ["volume", "import", "v", "{dir}/nope.img"], 1, "no such file"),
+    ("import-missing", ["volume", "import", "v", "{dir}/nope.img"], 3, "no such file"),
     ("import-dir", ["volume", "import", "v", "{dir}/emptydir"], 2, "directory"),
     ("import-cow-mode", ["volume", "import", "v", "{dir}/good.img", "--mode", "cow"], 2, "mode"),
     ("freeze-timeout", ["snapshot", "create", "vm1@s9", "--freeze-timeout", "1000"], 2, "freeze-timeout"),
@@ -184,7 +188,7 @@ def test_cli_refuses_bad_input_and_leaves_pool_intact(world, args, code, needle)
 
 def test_bad_input_with_debug_shows_the_traceback(world):
     res = run_cli(world["pool"], "--debug", "volume", "show", "nope")
-    assert res.returncode == 1
+    assert res.returncode == NotFound.exit_code
     assert "Traceback" in res.stderr
     assert res.stderr.splitlines()[-1].startswith("error: no volume")
 
@@ -195,7 +199,7 @@ def test_not_a_pool(world, where):
     before = sorted(os.listdir(path)) if path.is_dir() else None
     for args in (["pool", "status"], ["volume", "list"], ["snapshot", "list"], ["check"]):
         res = run_cli(path, *args)
-        assert_cli_error(res, 1, "not a blocksnap pool")
+        assert_cli_error(res, NotAPool.exit_code, "not a blocksnap pool")
     if before is not None:
         assert sorted(os.listdir(path)) == before  # nothing created in it
     assert not (world["dir"] / "missing").exists()
@@ -208,17 +212,17 @@ def test_pool_init_refuses_non_empty_dir_and_existing_pool(world, tmp_path):
     assert_cli_error(res, 1, "not an empty directory")
     assert os.listdir(world["dir"] / "notempty") == ["file"]
     res = run_cli(world["pool"], "pool", "init", "--size", "16M")
-    assert_cli_error(res, 1, "already a blocksnap pool")
+    assert_cli_error(res, AlreadyExists.exit_code, "already a blocksnap pool")
     assert fingerprint(world["pool"]) == world["fp"]
     res = run_cli(world["dir"] / "plainfile", "pool", "init", "--size", "16M")
     assert_cli_error(res, 1)
     # too small, or a --data file that does not exist: nothing left behind
-    for args, needle in ((["--size", "1M"], "too small"),
-                         (["--data", str(tmp_path / "nodata.img")], "no such file"),
-                         (["--size", "lots"], "invalid size")):
+    for args, code, needle in ((["--size", "1M"], 1, "too small"),
+                               (["--data", str(tmp_path / "nodata.img")], NotFound.exit_code, "no such file"),
+                               (["--size", "lots"], 2, "invalid size")):
         p = tmp_path / "p"
         res = run_cli(p, "pool", "init", *args)
-        assert_cli_error(res, 2 if needle == "invalid size" else 1, needle)
+        assert_cli_error(res, code, needle)
         assert not p.exists()
 
 
@@ -228,7 +232,7 @@ def test_pool_whose_data_store_is_not_its_own(tmp_path):
         blocksnap.Pool.create(str(p), size=16 * M).close()
     os.replace(b / "data", a / "data")
     res = run_cli(a, "pool", "status")
-    assert_cli_error(res, 1, "does not belong")
+    assert_cli_error(res, NotAPool.exit_code, "does not belong")
 
 
 def test_missing_cow_origin(tmp_path):
@@ -239,9 +243,9 @@ def test_missing_cow_origin(tmp_path):
         pool.create_volume("c", mode="cow", origin=str(origin), block_size=4 * K).snapshot("s")
     os.rename(origin, tmp_path / "moved.img")
     res = run_cli(path, "snapshot", "create", "c@s2")
-    assert_cli_error(res, 1, "missing")
+    assert_cli_error(res, NotFound.exit_code, "missing")
     res = run_cli(path, "export", "c@s", tmp_path / "out.img")
-    assert_cli_error(res, 1, "missing")
+    assert_cli_error(res, NotFound.exit_code, "missing")
     assert not (tmp_path / "out.img").exists()
     res = run_cli(path, "volume", "show", "c", "--json")  # metadata needs no origin
     assert res.returncode == 0, res.stderr
@@ -412,7 +416,7 @@ def test_full_pool_failed_shrink_changes_nothing(tmp_path):
         vol.snapshot("s")
         fill_pool(pool, bs)
         with pytest.raises(blocksnap.OutOfSpace):
-            vol.resize(1 * M + 512)
+            vol.resize(1 * M + 512, shrink=True)
         assert vol.size == 4 * M
         assert vol.read(0, 4 * M) == data
         assert pool.check()["clean"]
@@ -423,7 +427,7 @@ def test_full_pool_failed_shrink_changes_nothing(tmp_path):
         # with room again it works, and the cut-off part of the last block reads zeros
         pool.volume("f").discard(0, 1 * M)
         pool.volume("f").flush()  # freed space is reusable once the discard commits
-        vol.resize(1 * M + 512)
+        vol.resize(1 * M + 512, shrink=True)
         vol.resize(2 * M)
         assert vol.read(0, 2 * M) == data[:1 * M + 512] + bytes(1 * M - 512)
         assert vol.get_snapshot("s").read(0, 4 * M) == data
@@ -481,7 +485,7 @@ def test_cli_full_pool(tmp_path):
     src = tmp_path / "big.img"
     src.write_bytes(rand(20 * M, 1))
     res = run_cli(path, "volume", "import", "big", src)
-    assert_cli_error(res, 1, "out of space")
+    assert_cli_error(res, OutOfSpace.exit_code, "out of space")
     res = run_cli(path, "volume", "list", "--json")
     assert res.returncode == 0 and json.loads(res.stdout) == []
     with blocksnap.Pool.open(str(path)) as pool:
@@ -506,10 +510,10 @@ def test_two_processes_cannot_open_one_pool(tmp_path):
     try:
         assert holder.stdout.readline() == "open\n"
         res = run_cli(path, "volume", "list")
-        line = assert_cli_error(res, 1, "in use")
+        line = assert_cli_error(res, Busy.exit_code, "in use")
         assert str(holder.pid) in line
         res = run_cli(path, "snapshot", "create", "v@s")
-        assert_cli_error(res, 1, "in use")
+        assert_cli_error(res, Busy.exit_code, "in use")
         with pytest.raises(blocksnap.Busy, match="in use"):
             blocksnap.Pool.open(str(path))
     finally:
@@ -560,13 +564,13 @@ def test_corrupt_block_is_named_by_scrub_and_refused_by_reads(tmp_path):
     store_off = _flip_byte_of_block(data_file, blocks[3])  # volume block 13
 
     res = run_cli(path, "scrub", "vm1")
-    assert_cli_error(res, 1, "vm1", "checksum")  # the report is on stdout, one error line
+    assert_cli_error(res, CorruptionError.exit_code, "vm1", "checksum")  # the report is on stdout, one error line
     bad = [line for line in res.stdout.splitlines() if line.startswith("bad block")]
     assert bad and all(f"offset {13 * bs} " in line for line in bad), res.stdout
     assert {"vm1", "vm1@s1"} == {line.split()[2] for line in bad}
     assert all(f"data store offset {store_off})" in line for line in bad)
     res = run_cli(path, "scrub", "vm1@s1", "--json")
-    assert_cli_error(res, 1, "vm1@s1", "checksum")
+    assert_cli_error(res, CorruptionError.exit_code, "vm1@s1", "checksum")
     rep = json.loads(res.stdout)
     assert rep["clean"] is False
     assert [(b["where"], b["block"], b["offset"], b["store_offset"]) for b in rep["bad"]] == \
@@ -574,7 +578,7 @@ def test_corrupt_block_is_named_by_scrub_and_refused_by_reads(tmp_path):
 
     out = tmp_path / "out.img"
     res = run_cli(path, "export", "vm1@s1", out)
-    assert_cli_error(res, 1, "checksum", "block 13")
+    assert_cli_error(res, CorruptionError.exit_code, "checksum", "block 13")
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if "partial" in p]
 
     with blocksnap.Pool.open(str(path)) as pool:
@@ -594,7 +598,7 @@ def test_corrupt_block_is_named_by_scrub_and_refused_by_reads(tmp_path):
         assert vol.read(13 * bs, bs) == b"\7" * bs
         assert pool.check()["clean"]  # metadata is fine: only data was hit
     res = run_cli(path, "scrub", "vm1")
-    assert_cli_error(res, 1, "1 block(s)")
+    assert_cli_error(res, CorruptionError.exit_code, "1 block(s)")
     assert "vm1@s1" in res.stdout  # the snapshot still holds the bad copy
 
 
@@ -614,7 +618,7 @@ def test_check_reports_broken_metadata(tmp_path):
     db.commit()
     db.close()
     res = run_cli(path, "check")
-    assert_cli_error(res, 1, "problem")
+    assert_cli_error(res, CorruptionError.exit_code, "problem")
     assert res.stdout.startswith("problem: ")
     res = run_cli(path, "check", "--repair")
     assert res.returncode == 0 and "repaired: " in res.stdout, (res.stdout, res.stderr)

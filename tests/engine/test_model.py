@@ -9,7 +9,8 @@ Operations: writes (whole blocks, several blocks, unaligned, partial, across lea
 boundaries, all-zero data, one range written as two requests cut at any byte),
 discards, flushes, snapshots, deletes of any snapshot, rollbacks, clones (then
 written independently of their origin), deletes of clones, resizes of ROW volumes
-(grow and shrink, block-aligned or not), diffs, and close + reopen of the pool. `pool.check()` must be clean at random points and at the end; the
+(grow and shrink, block-aligned or not), diffs, and close + reopen of the pool.
+`pool.check()` must be clean at random points and at the end; the
 end also deletes everything and expects every byte of space and every map page back.
 Two more instances run in a 16 MiB pool that fills up: ENOSPC may then happen, and
 must leave each operation whole or undone (byte for byte old or new), every snapshot
@@ -386,7 +387,7 @@ class EngineMachine(RuleBasedStateMachine):
         if r % 4 == 0:
             new = -(-new // m.bs) * m.bs
         try:
-            self.pool.volume(name).resize(new)
+            self.pool.volume(name).resize(new, shrink=True)
         except blocksnap.OutOfSpace:  # shrinking zeroes the rest of the last block
             assert self.FULL and new < len(m.data)
             assert self.pool.volume(name).size == len(m.data)  # nothing changed

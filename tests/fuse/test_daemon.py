@@ -12,6 +12,7 @@ import tempfile
 
 import pytest
 
+from blocksnap.errors import Busy, NotFound
 from blocksnap.service import loopdev
 from blocksnap.service.control import NOT_RUNNING, try_remote
 from tests.conftest import assert_cli_error, run_cli
@@ -81,7 +82,7 @@ def test_socket_security_and_second_serve(served):
     sock = served.pool / "daemon.sock"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     res = run_cli(served.pool, "serve", str(served.tmp / "other"))
-    assert_cli_error(res, 1, "already served")
+    assert_cli_error(res, Busy.exit_code, "already served")
 
     # another user: the file mode stops them; even with the mode opened (and a hard link
     # where they can reach it), SO_PEERCRED does
@@ -115,19 +116,20 @@ def test_socket_security_and_second_serve(served):
 
 def test_refusals(served):
     res = run_cli(served.pool, "attach", "nosuch")
-    assert_cli_error(res, 1, "no volume")
+    assert_cli_error(res, NotFound.exit_code, "no volume")
     dev = served.attach()
-    assert_cli_error(run_cli(served.pool, "attach", "vm1"), 1, "already attached")
-    assert_cli_error(run_cli(served.pool, "mount", "vm1@nosuch", str(served.dir("m"))), 1, "no snapshot")
-    assert_cli_error(run_cli(served.pool, "stop"), 1, "detach")
-    assert_cli_error(run_cli(served.pool, "serve", str(served.tmp / "x")), 1, "already served")
+    assert_cli_error(run_cli(served.pool, "attach", "vm1"), Busy.exit_code, "already attached")
+    assert_cli_error(run_cli(served.pool, "mount", "vm1@nosuch", str(served.dir("m"))), NotFound.exit_code,
+                     "no snapshot")
+    assert_cli_error(run_cli(served.pool, "stop"), Busy.exit_code, "detach")
+    assert_cli_error(run_cli(served.pool, "serve", str(served.tmp / "x")), Busy.exit_code, "already served")
     served.cli("snapshot", "create", "vm1@s1")
     for args, needle in ((("snapshot", "rollback", "vm1@s1"), "attached"),
                          (("volume", "delete", "vm1", "-r"), "attached"),
                          (("volume", "resize", "vm1", "256M"), "attached")):
-        assert_cli_error(run_cli(served.pool, *args), 1, needle)
-    assert_cli_error(run_cli(served.pool, "detach", "vm2"), 1, "not attached")
-    assert_cli_error(run_cli(served.pool, "umount", str(served.dir("m"))), 1, "not a snapshot")
+        assert_cli_error(run_cli(served.pool, *args), Busy.exit_code, needle)
+    assert_cli_error(run_cli(served.pool, "detach", "vm2"), NotFound.exit_code, "not attached")
+    assert_cli_error(run_cli(served.pool, "umount", str(served.dir("m"))), NotFound.exit_code, "not a snapshot")
     served.cli("detach", dev)
     served.cli("snapshot", "rollback", "vm1@s1")
     served.cli("stop")

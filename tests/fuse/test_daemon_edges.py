@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from blocksnap.errors import Busy
 from blocksnap.service import loopdev
 from tests.conftest import assert_cli_error, run_cli
 
@@ -36,8 +37,8 @@ def test_detach_refuses_a_device_still_in_use(served):
                                "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
-        assert_cli_error(run_cli(served.pool, "detach", "vm1"), 1, "is open in", f"pid {holder.pid}")
-        assert_cli_error(run_cli(served.pool, "stop"), 1, "in use")
+        assert_cli_error(run_cli(served.pool, "detach", "vm1"), Busy.exit_code, "is open in", f"pid {holder.pid}")
+        assert_cli_error(run_cli(served.pool, "stop"), Busy.exit_code, "in use")
     finally:
         holder.kill()
         holder.wait()
@@ -49,7 +50,7 @@ def test_detach_refuses_a_device_still_in_use(served):
                           text=True, start_new_session=True)
     try:
         assert ns.stdout.readline().strip() == "mounted"
-        assert_cli_error(run_cli(served.pool, "detach", "vm1"), 1, "in use")
+        assert_cli_error(run_cli(served.pool, "detach", "vm1"), Busy.exit_code, "in use")
     finally:
         os.killpg(ns.pid, signal.SIGKILL)   # the namespace and its mount go with the last process
         ns.wait()
@@ -130,9 +131,37 @@ def test_a_stuck_daemon_does_not_hang_quick_commands(served):
     try:
         t = time.monotonic()
         res = run_cli(served.pool, "pool", "status", env={"BLOCKSNAP_DAEMON_TIMEOUT": "2"}, timeout=60)
-        assert_cli_error(res, 1, "did not answer", "stop --force")
+        assert_cli_error(res, Busy.exit_code, "did not answer", "stop --force")
         assert time.monotonic() - t < 30
     finally:
         os.kill(pid, signal.SIGCONT)
     served.cli("pool", "status")
+    served.cli("stop", "--force")
+
+
+def test_the_daemon_refuses_operations_it_does_not_list(served):
+    """Only the listed operations are callable over the socket: a module-level name of
+    service.ops that is not in its table, or a made-up one, gets UnknownOperation."""
+    import socket
+
+    from blocksnap.errors import UnknownOperation
+    from blocksnap.service import control
+
+    served.attach()
+    for op in ("stream_file", "Pool", "_snap", "format_disk", "volume_list "):
+        with control.connect(str(served.pool), timeout=30) as sock:
+            try:
+                control.request(sock, op, {})
+            except UnknownOperation as e:
+                assert "offers no operation" in str(e) and "volume_list" in str(e)
+            else:
+                raise AssertionError(f"{op!r} was accepted")
+    # the listed ones still answer; a raw request gets the error class by name
+    with control.connect(str(served.pool), timeout=30) as sock:
+        assert [v["name"] for v in control.request(sock, "volume_list", {})] == ["vm1"]
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(served.pool / control.SOCKET_NAME))
+        raw.sendall(b'{"op": "rm_rf", "args": {}}\n')
+        resp = raw.makefile("rb").readline()
+    assert b'"UnknownOperation"' in resp
     served.cli("stop", "--force")

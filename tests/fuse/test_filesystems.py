@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from blocksnap.errors import Busy
 from blocksnap.service import loopdev
 from tests.conftest import assert_cli_error, run_cli
 
@@ -69,7 +70,7 @@ def test_snapshot_mount_fsck_rollback(served, kind):
     assert not (snapdir / "new.txt").exists()
     with pytest.raises(OSError):
         (snapdir / "x").write_text("no")  # mounted read-only
-    assert_cli_error(run_cli(served.pool, "snapshot", "delete", "vm1@before"), 1, "mounted")
+    assert_cli_error(run_cli(served.pool, "snapshot", "delete", "vm1@before"), Busy.exit_code, "mounted")
     served.cli("umount", str(snapdir))
     assert loopdev.mount_at(str(snapdir)) is None
     assert loopdev.backing_file(out["device"]) is None
@@ -81,7 +82,7 @@ def test_snapshot_mount_fsck_rollback(served, kind):
         _replay_log(img, served.dir("replay"))
     _fsck(kind, str(img))
 
-    assert_cli_error(run_cli(served.pool, "snapshot", "rollback", "vm1@before"), 1, "attached")
+    assert_cli_error(run_cli(served.pool, "snapshot", "rollback", "vm1@before"), Busy.exit_code, "attached")
     sh("umount", str(fs))
     served.cli("detach", "vm1")
     served.cli("snapshot", "rollback", "vm1@before")
@@ -110,7 +111,7 @@ def test_fstrim_frees_pool_space(served):
     sh("fstrim", str(fs))
     assert wait_for(lambda: served.status()["used"] <= base + (2 << 20), timeout=10), \
         (base, full, served.status()["used"])
-    assert_cli_error(run_cli(served.pool, "stop"), 1, "--force")
+    assert_cli_error(run_cli(served.pool, "stop"), Busy.exit_code, "--force")
     served.cli("stop", "--force")  # unmounts the filesystem on the device, detaches, stops
     assert loopdev.mount_at(str(fs)) is None
     assert loopdev.backing_file(dev) is None

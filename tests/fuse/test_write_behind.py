@@ -304,7 +304,7 @@ def test_kill_9_under_queued_writes_matches_the_model(served):
     the writes acknowledged before it was asked for, and the live volume is the
     state after some write between the last fsync and the last acknowledged one."""
     size = 16 * MiB
-    served.cli("volume", "resize", "vm1", str(size))
+    served.cli("volume", "resize", "vm1", str(size), "--shrink")
     img = served.mnt / "vm1" / "volume.img"
     rnd = random.Random(7)
     base = bytes(size)

@@ -15,8 +15,17 @@ import pytest
 
 from blocksnap.hooks import FreezePlan, HookError, current_deadline, recover_stale_freezes, run_frozen
 
-from .conftest import (assert_one_error_line, assert_thawed, blocked, cli_argv, needs_root, run_freeze,
-                       start_writer, thaw, wait_done)
+from .conftest import (
+    assert_one_error_line,
+    assert_thawed,
+    blocked,
+    cli_argv,
+    needs_root,
+    run_freeze,
+    start_writer,
+    thaw,
+    wait_done,
+)
 
 pytestmark = needs_root
 

@@ -8,12 +8,21 @@ import pytest
 
 from blocksnap.hooks import FreezePlan, HookError, run_frozen
 
-from .conftest import Sql, assert_one_error_line, assert_thawed, blocked, needs_root, run_freeze, start_writer, wait_done
+from .conftest import (
+    Sql,
+    assert_one_error_line,
+    assert_thawed,
+    blocked,
+    needs_root,
+    run_freeze,
+    start_writer,
+    wait_done,
+)
 
 pytestmark = [needs_root, pytest.mark.slow]
 
 
-def Insert(conn, sql="INSERT INTO app.t (v) VALUES (1)") -> Sql:  # noqa: N802
+def Insert(conn, sql="INSERT INTO app.t (v) VALUES (1)") -> Sql:
     """INSERT ... (autocommit) on its own connection, in a thread (see Sql)."""
     return Sql(conn, sql)
 

@@ -91,7 +91,7 @@ def assert_fs_writable(mnt: Path, within: float = 5.0) -> float:
         was_frozen = thaw(mnt)
         proc.wait(timeout=30)
         raise AssertionError(f"a write to {mnt} did not complete within {within} s "
-                             f"({'it was still frozen' if was_frozen else 'not frozen, but stuck'})")
+                             f"({'it was still frozen' if was_frozen else 'not frozen, but stuck'})") from None
     took = time.monotonic() - t0
     assert proc.returncode == 0, f"write to {mnt} failed ({proc.returncode})"
     target.unlink()

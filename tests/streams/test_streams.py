@@ -14,6 +14,7 @@ import time
 import pytest
 
 import blocksnap
+from blocksnap.errors import AlreadyExists, Busy, NotFound, OutOfSpace
 from blocksnap.service.daemon_server import answer
 
 from ..conftest import assert_cli_error, history_pool, run_cli
@@ -161,9 +162,9 @@ def test_incremental_needs_its_base(src, dst, tmp_path):
     for name, args in (("full1", ["v@s1"]), ("inc12", ["v@s2", "--from", "v@s1"]),
                        ("inc23", ["v@s3", "--from", "v@s2"]), ("inc13", ["v@s3", "--from", "v@s1"])):
         ok(src, "send", *args, "-o", tmp_path / name)
-    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), 1, "no volume 'w'")
+    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), NotFound.exit_code, "no volume 'w'")
     ok(dst, "receive", "w", "-i", tmp_path / "full1")
-    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "full1"), 1, "already exists")
+    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "full1"), AlreadyExists.exit_code, "already exists")
     assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc23"), 1, "newest snapshot of w is s1")
     # written since its base: refused until rolled back
     with blocksnap.Pool.open(str(dst)) as pool:
@@ -178,7 +179,8 @@ def test_incremental_needs_its_base(src, dst, tmp_path):
     assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), 1, "written since")
     ok(dst, "snapshot", "rollback", "w@s1")
     ok(dst, "receive", "w", "-i", tmp_path / "inc12")
-    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), 1, "w@s2 already exists")
+    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "inc12"), AlreadyExists.exit_code,
+                     "w@s2 already exists")
     # s1 -> s3 also applies on top of s1 (another branch: roll back to s1 first)
     # a base of the same name from another pool is not the base
     other = tmp_path / "other"
@@ -253,8 +255,8 @@ def test_closed_standard_streams_and_broken_pipes(src, tmp_path):
 def test_send_refusals_leave_no_file(src, tmp_path):
     out = tmp_path / "s"
     assert_cli_error(run_cli(src, "send", "v@s1", "--from", "v@s2", "-o", out), 1, "must be older")
-    assert_cli_error(run_cli(src, "send", "v@nope", "-o", out), 1, "no snapshot v@nope")
-    assert_cli_error(run_cli(src, "send", "nope@s1", "-o", out), 1, "nope")
+    assert_cli_error(run_cli(src, "send", "v@nope", "-o", out), NotFound.exit_code, "no snapshot v@nope")
+    assert_cli_error(run_cli(src, "send", "nope@s1", "-o", out), NotFound.exit_code, "nope")
     assert_cli_error(run_cli(src, "send", "v@s2", "--from", "x@s1", "-o", out), 1, "different volumes")
     assert not out.exists()
     out.write_bytes(b"keep me")
@@ -281,7 +283,7 @@ def test_receive_into_a_full_pool(tmp_path):
         v.snapshot("s1")
     blocksnap.Pool.create(str(small), size=16 * M).close()
     ok(big, "send", "v@s1", "-o", tmp_path / "full")
-    assert_cli_error(run_cli(small, "receive", "w", "-i", tmp_path / "full"), 1, "space")
+    assert_cli_error(run_cli(small, "receive", "w", "-i", tmp_path / "full"), OutOfSpace.exit_code, "space")
     with blocksnap.Pool.open(str(small)) as pool:
         assert [v.name for v in pool.volumes()] == []
         assert pool.check()["clean"]
@@ -308,7 +310,8 @@ def test_receive_killed_midway(tmp_path, dst):
     proc.wait()
     with blocksnap.Pool.open(str(dst)) as pool:
         assert pool.check()["clean"]
-    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "full"), 1, "interrupted", "volume delete w")
+    assert_cli_error(run_cli(dst, "receive", "w", "-i", tmp_path / "full"), AlreadyExists.exit_code,
+                     "interrupted", "volume delete w")
     ok(dst, "volume", "delete", "w")
     ok(dst, "receive", "w", "-i", tmp_path / "full")
     assert contents(dst, "w")["s1"] == contents(big, "v")["s1"]
@@ -351,7 +354,7 @@ def test_daemon_receive_is_guarded_and_dies_with_its_client(src, dst, tmp_path):
             time.sleep(0.2)
         for args in (["snapshot", "create", "w@x"], ["snapshot", "delete", "w@s1"], ["volume", "resize", "w", "64M"],
                      ["volume", "delete", "w", "--recursive"], ["attach", "w"], ["stop"]):
-            assert_cli_error(run_cli(dst, *args), 1, "receiv")
+            assert_cli_error(run_cli(dst, *args), Busy.exit_code, "receiv")
         mnt = json.loads(ok(dst, "pool", "status", "--json").stdout).get("daemon", {}).get("mountpoint") \
             or str(dst / "mnt")
         with pytest.raises(OSError) as e:
@@ -388,7 +391,7 @@ def test_send_and_receive_through_daemons(src, dst):
             assert s.returncode == 0 and r.returncode == 0, (s.stderr, r.stderr)
             ok(dst, "attach", "w")
             s, r = pipe(src, ["v@s4"], dst, ["w"])
-            assert r.returncode == 1 and b"attached" in r.stderr and b"Traceback" not in r.stderr
+            assert r.returncode == Busy.exit_code and b"attached" in r.stderr and b"Traceback" not in r.stderr
         finally:
             ok(dst, "stop", "--force")
     finally:

@@ -5,6 +5,7 @@ import os
 
 import click
 
+from ..errors import CorruptionError
 from ..service.runner import call
 from ..units import format_size
 from .context import Settings, emit, json_option, pass_settings
@@ -39,7 +40,7 @@ def check(settings: Settings, repair: bool, as_json: bool) -> None:
     emit(res, as_json, text)
     if not res["clean"] and not res["repaired"]:
         click.echo(f"error: the pool's metadata has {len(res['errors'])} problem(s)", err=True)
-        raise SystemExit(1)
+        raise SystemExit(CorruptionError.exit_code)
 
 
 @click.command("scrub")
@@ -58,7 +59,7 @@ def scrub(settings: Settings, target: str, as_json: bool) -> None:
     if not res["clean"]:
         # the report above names the blocks; the error contract wants one stderr line
         click.echo(f"error: {target}: {len(res['bad'])} block(s) failed their checksum", err=True)
-        raise SystemExit(1)
+        raise SystemExit(CorruptionError.exit_code)
 
 
 COMMANDS = [export, check, scrub]

@@ -12,8 +12,15 @@ import time
 import click
 
 from ..errors import InvalidArgument
-from ..hooks import (DEFAULT_TIMEOUT, MAX_TIMEOUT, FreezePlan, HookError, current_deadline,
-                     recover_stale_freezes, run_frozen)
+from ..hooks import (
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    FreezePlan,
+    HookError,
+    current_deadline,
+    recover_stale_freezes,
+    run_frozen,
+)
 from .context import EnvSettings, Settings, emit, json_option
 
 TIMEOUT_EXIT = 124  # like timeout(1)

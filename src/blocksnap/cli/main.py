@@ -43,8 +43,7 @@ def _rethaw_stale_freezes(env: EnvSettings) -> None:
 
 
 def _register() -> None:
-    from . import (backup_cmd, data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, stream_cmd,
-                   volume_cmd)
+    from . import backup_cmd, data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, stream_cmd, volume_cmd
     for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd, backup_cmd):
         for command in getattr(mod, "COMMANDS", []):
             cli.add_command(command)
@@ -53,8 +52,27 @@ def _register() -> None:
 _register()
 
 
+# The flag that mends an error, by the parameter the engine says is at fault: the
+# engine speaks of sizes and origins, the command line of --size and --origin.
+FLAG_HINTS = {
+    "size": "give --size SIZE",
+    "origin": "give --origin IMAGE|DEVICE",
+    "mode": "--origin needs --mode cow",
+    "force": "use --force to overwrite",
+    "recursive": "use --recursive",
+    "shrink": "use --shrink",
+}
+
+
+def describe(e: BlocksnapError) -> str:
+    """The error's one line, with the flag that fixes it when there is one."""
+    hint = FLAG_HINTS.get(e.param or "")
+    return f"{e} ({hint})" if hint else str(e)
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Run the CLI: user errors become `error: ...` (exit 1), usage errors exit 2."""
+    """Run the CLI: user errors become `error: ...` with the error class's exit code
+    (1 in general, 3-8 for the classes in errors.py; docs/usage.md), usage errors exit 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rc = cli.main(args=argv, prog_name="blocksnap", standalone_mode=False)
@@ -71,8 +89,8 @@ def run(argv: list[str] | None = None) -> None:
     except BlocksnapError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        click.echo(f"error: {describe(e)}", err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)

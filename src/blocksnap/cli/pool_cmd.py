@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..engine.pool import Pool
+from ..engine import Pool
 from ..service.runner import call
 from ..units import format_size
 from .context import Settings, emit, json_option, pass_settings, table

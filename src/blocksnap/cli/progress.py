@@ -13,8 +13,7 @@ def progress_bar(settings: Settings, label: str) -> Iterator[Callable[[int, int]
         yield None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
     # on stderr, the terminal we checked: stdout stays clean for results and --json
     with Progress("[bold]" + label, BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:

@@ -89,7 +89,8 @@ def stop(settings: Settings, force: bool) -> None:
                             daemon_timeout=settings.env.daemon_timeout) is NOT_RUNNING:
         # a daemon killed with -9 leaves its mounts and devices: take them down
         done = daemon_spawn.cleanup_dead(settings.pool)
-        _note(settings, "no daemon was running; " + (f"cleaned up {', '.join(done)}" if done else "nothing to clean up"))
+        _note(settings, "no daemon was running; "
+              + (f"cleaned up {', '.join(done)}" if done else "nothing to clean up"))
         return
     res = _remote(settings, "stop", force=force)
     # a forced stop unmounts and detaches every device first, a few seconds each when busy

@@ -72,7 +72,8 @@ def send(settings: Settings, ref: str, base: str | None, output: str | None, as_
 
 @click.command("receive")
 @click.argument("volume")
-@click.option("-i", "--input", "source", type=click.Path(dir_okay=False), help="Read the stream from here (default: stdin).")
+@click.option("-i", "--input", "source", type=click.Path(dir_okay=False),
+              help="Read the stream from here (default: stdin).")
 @click.option("-F", "--force", is_flag=True,
               help="Roll the volume back to the stream's base first if it was written since (those writes are lost).")
 @json_option

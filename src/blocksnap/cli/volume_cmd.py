@@ -46,7 +46,7 @@ def create(settings: Settings, name: str, size, mode, origin, block_size, as_jso
 @click.option("--block-size", type=SIZE, default=DEFAULT_BLOCK_SIZE, show_default=True)
 @json_option
 @pass_settings
-def import_(settings: Settings, name, source, mode, block_size, as_json) -> None:
+def import_(settings: Settings, name, source, mode, block_size, as_json) -> None:  # noqa: ARG001 - mode: row only
     """Copy an image or device into a new ROW volume (holes and zero blocks stay holes)."""
     with progress_bar(settings, f"import {name}") as prog:
         info = call(settings.pool, "volume_import", progress=prog, name=name,
@@ -88,11 +88,16 @@ def delete(settings: Settings, name: str, recursive: bool) -> None:
 @volume.command("resize")
 @click.argument("name")
 @click.argument("size", type=SIZE)
+@click.option("--shrink", is_flag=True, help="Allow a smaller size (the data past it is lost).")
 @json_option
 @pass_settings
-def resize(settings: Settings, name: str, size: int, as_json: bool) -> None:
-    """Grow or shrink a ROW volume (shrinking drops the data past the new end)."""
-    info = call(settings.pool, "volume_resize", name=name, size=size)
+def resize(settings: Settings, name: str, size: int, shrink: bool, as_json: bool) -> None:
+    """Grow a ROW volume, or shrink it with --shrink (dropping the data past the new
+    end). Sizes are whole blocks: another size is rounded up, and a note says so."""
+    info = call(settings.pool, "volume_resize", name=name, size=size, shrink=shrink)
+    if "rounded_up_from" in info and not settings.quiet:
+        click.echo(f"note: {format_size(size)} rounded up to {format_size(info['size'])} "
+                   f"(whole blocks of {format_size(info['block_size'])})", err=True)
     emit(info, as_json, None if settings.quiet else f"resized {name} to {format_size(info['size'])}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import xxhash
@@ -53,6 +53,24 @@ def mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     starts = np.flatnonzero(d == 1)
     ends = np.flatnonzero(d == -1)
     return [(int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def join_runs(pieces: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, int]]:
+    """(start, count) runs of True across masks given as (first index, mask) in order,
+    a run that crosses from one mask into the next joined into one (maps are read a
+    leaf at a time, never as one array as large as the volume)."""
+    run_start, run_end = -1, -1
+    for base, mask in pieces:
+        for s, c in mask_runs(mask):
+            s += base
+            if s == run_end:
+                run_end = s + c
+                continue
+            if run_end > run_start >= 0:
+                yield run_start, run_end - run_start
+            run_start, run_end = s, s + c
+    if run_end > run_start >= 0:
+        yield run_start, run_end - run_start
 
 
 def read_stored(store, ptrs: np.ndarray, sums: np.ndarray, bs: int, buf: bytearray,

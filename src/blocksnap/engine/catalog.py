@@ -12,6 +12,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+CONSISTENCY = ("crash", "filesystem", "application")   # a snapshot row's consistency values
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS volumes (

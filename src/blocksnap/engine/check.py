@@ -17,7 +17,7 @@ E = PAGE_ENTRIES
 
 def _all_roots(pool) -> list[tuple[str, int, int]]:
     out = []
-    for v in pool.volumes_by_name.values():
+    for v in pool.volumes():
         if v.mode == "row":
             out.append((v.name, v.tree.root, v.tree.levels))
         for s in v.snapshot_rows:
@@ -52,7 +52,7 @@ def check_pool(pool, repair: bool = False) -> dict[str, Any]:
                 used[idx] = False
             if not np.array_equal(fresh_space.used, used):
                 errors.append("space map in memory differs from the catalog")
-        for v in pool.volumes_by_name.values():
+        for v in pool.volumes():
             seqs = [s.seq for s in v.snapshot_rows]
             if seqs != sorted(set(seqs)):
                 errors.append(f"volume {v.name}: snapshot order is inconsistent")
@@ -64,8 +64,8 @@ def check_pool(pool, repair: bool = False) -> dict[str, Any]:
             repaired = _repair(pool, rep)
         return {
             "clean": not errors, "errors": errors, "repaired": repaired,
-            "volumes": len(pool.volumes_by_name),
-            "snapshots": sum(len(v.snapshot_rows) for v in pool.volumes_by_name.values()),
+            "volumes": len(pool.volumes()),
+            "snapshots": sum(len(v.snapshot_rows) for v in pool.volumes()),
             "map_pages": len(np.flatnonzero(fresh_pages.kind[:fresh_pages.next_id])),
             "used_bytes": pool.space.used_units() * UNIT,
         }
@@ -109,7 +109,7 @@ def _missing_roots(pool) -> list[tuple[Any, Any]]:
 
     def gone(root: int) -> bool:
         return bool(root) and (root >= pp.next_id or not pp.kind[root])
-    for v in pool.volumes_by_name.values():
+    for v in pool.volumes():
         if v.mode == "row" and gone(v.tree.root):
             out.append((v, v))
         for s in v.snapshot_rows:

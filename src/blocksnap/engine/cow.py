@@ -10,14 +10,23 @@ The copy is committed before the origin is written.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..errors import InvalidArgument, NotFound
 from ..store import FileStore
-from .blockio import (block_sums, deliver, mask_runs, nonzero_blocks, read_buffer, read_stored,
-                      write_new_blocks, zero_blocks)
+from .blockio import (
+    block_sums,
+    deliver,
+    join_runs,
+    mask_runs,
+    nonzero_blocks,
+    read_buffer,
+    read_stored,
+    write_new_blocks,
+    zero_blocks,
+)
 from .catalog import SnapshotRow, VolumeRow
 from .layout import HOLE, PAGE_ENTRIES, ZERO
 from .radix import Tree, levels_for
@@ -169,12 +178,12 @@ class CowVolume(VolumeBase):
     def flush(self) -> None:
         self.pool.commit()
 
-    def resize(self, size: int) -> None:
+    def _resize(self, size: int) -> None:  # noqa: ARG002 - the contract's signature
         raise InvalidArgument(f"volume {self.name!r} is a cow volume: its size is its origin's")
 
     # -- snapshots -------------------------------------------------------------
     def _create_snapshot(self, name: str, labels, consistency: str, hooks) -> SnapshotRow:
-        self.origin_store  # a snapshot of a missing origin would be empty: refuse early
+        _ = self.origin_store  # a snapshot of a missing origin would be empty: refuse early
         srow = self._new_srow(name, labels, consistency, hooks, 0, levels_for(self.nblocks))
         # one commit: the origin is fsynced first (the snapshot's unchanged blocks live
         # there), then the snapshot row is published
@@ -199,10 +208,6 @@ class CowVolume(VolumeBase):
             if not open_.any():
                 break
         return ptrs, sums, open_
-
-    def _snap_map(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
-        ptrs, sums, _ = self._resolve(srow, b0, b1)
-        return ptrs, sums
 
     def _snap_read(self, srow: SnapshotRow, offset: int, length: int,
                    check: Callable[[], None] = lambda: None, out: memoryview | None = None) -> bytes | None:
@@ -296,11 +301,10 @@ class CowVolume(VolumeBase):
                 self.write(off, self._snap_read(srow, off, length))
         self.pool.commit()
 
-    def _clone_into(self, srow: SnapshotRow, new_row: VolumeRow, progress=None) -> VolumeRow:
+    def _clone_into(self, srow: SnapshotRow, clone: VolumeBase,
+                    progress: Callable[[int, int], None] | None = None) -> None:
         """A ROW copy: blocks already in the pool are shared, origin blocks copied."""
-        from .row import RowVolume
         pool, bs = self.pool, self.block_size
-        clone = RowVolume(pool, new_row, [])
         n = self.nblocks
         step = E
         try:
@@ -331,11 +335,16 @@ class CowVolume(VolumeBase):
             # of the chunks already done, so the pool stays exactly as it was
             pool.pages.decref(clone.tree.root)
             raise
-        return clone.row()
 
-    def _snap_candidates(self, srow: SnapshotRow) -> np.ndarray:
-        ptrs, _, in_origin = self._resolve(srow, 0, self.nblocks)
-        return (ptrs >= 2) | in_origin
+    def _snap_runs(self, srow: SnapshotRow) -> Iterator[tuple[int, int]]:
+        """Blocks in the pool or still in the origin (a map-sized step at a time)."""
+        step = 64 * E
+
+        def pieces() -> Iterator[tuple[int, np.ndarray]]:
+            for b0 in range(0, self.nblocks, step):
+                ptrs, _, in_origin = self._resolve(srow, b0, min(self.nblocks, b0 + step))
+                yield b0, (ptrs >= 2) | in_origin
+        return join_runs(pieces())
 
     def _allocated_bytes(self) -> int:
         return self.size

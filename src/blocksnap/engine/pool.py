@@ -1,7 +1,10 @@
 """The pool: one directory with the catalog, a lock and the data store.
 
 Only one process opens a pool (flock on `lock`); inside it, one re-entrant lock
-serialises engine calls so the FUSE threads can share it.
+serialises engine calls so the FUSE threads can share it. The pool owns the
+registry of its volumes: creating, cloning, importing and deleting a volume happen
+here and nowhere else, and everything outside reads it through volume(),
+volumes() and has_volume().
 """
 from __future__ import annotations
 
@@ -19,12 +22,17 @@ from ..errors import AlreadyExists, Busy, InvalidArgument, NotAPool, NotFound
 from ..store import FileStore, device_size, start_writeback
 from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
+from .check import check_pool
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
 from .pages import PagePool
 from .partial import PartialBlocks
 from .radix import Maps, levels_for
 from .rebuild import rebuild_refcounts
+from .snapshot import Snapshot
 from .space import Space
+from .transfer import import_image
+from .volume_base import VolumeBase
+from .volumes import build_volume
 
 CATALOG = "catalog.db"
 DATA = "data"
@@ -38,7 +46,7 @@ class Pool:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self.lock = threading.RLock()
-        self.volumes_by_name: dict = {}
+        self._volumes: dict[str, VolumeBase] = {}
         self.closed = False
         self.reclaimed_on_open: dict[str, int] = {}
         self.read_only = False
@@ -58,7 +66,8 @@ class Pool:
         if data is not None:
             data = os.path.abspath(data)
             if not os.path.exists(data) and size is None:
-                raise NotFound(f"{data}: no such file or device (give --size to create an image file)")
+                raise NotFound(f"{data}: no such file or device; an image file is made only when "
+                               "a size is given", param="size")
         if size is not None and size < MIN_POOL_SIZE:
             raise InvalidArgument(f"pool size {size} is too small: at least 16M")
         created_dir = not os.path.exists(path)
@@ -155,12 +164,11 @@ class Pool:
             self.catalog.commit(freed_pages=report.unreachable_pages)
         self.check_report = report
         self.reclaimed_on_open["host_bytes"] = self._reclaim_host_space()
-        from .volumes import build_volume  # late import: volumes import the pool module
         by_vol: dict[str, list[SnapshotRow]] = {}
         for s in srows:
             by_vol.setdefault(s.volume, []).append(s)
         for v in vrows:
-            self.volumes_by_name[v.name] = build_volume(self, v, by_vol.get(v.name, []))
+            self._volumes[v.name] = build_volume(self, v, by_vol.get(v.name, []))
         self._dirty_volumes: set[str] = set()
 
     # -- context manager ----------------------------------------------------
@@ -183,7 +191,7 @@ class Pool:
         """Drop the pool without committing, as a crash would (crash tests use it;
         close() ends with it after its commit)."""
         self.closed = True
-        for v in self.volumes_by_name.values():
+        for v in self._volumes.values():
             v._close()
         self.store.close()
         self.catalog.close()
@@ -209,17 +217,17 @@ class Pool:
             pp = self.pages
             vols = {v.name: v for v in volumes}
             for name in self._dirty_volumes:
-                if name in self.volumes_by_name and name not in vols:
-                    vols[name] = self.volumes_by_name[name]
+                if name in self._volumes and name not in vols:
+                    vols[name] = self._volumes[name]
             snapshots = list(snapshots)
-            for v in self.volumes_by_name.values():
+            for v in self._volumes.values():
                 moved = v._dirty_snapshot_rows()
                 known = {(r.volume, r.name) for r in snapshots}
                 snapshots.extend(r for r in moved if (r.volume, r.name) not in known)
             nothing = not (pp.dirty or pp.freed or vols or snapshots or deleted_snapshots
                            or deleted_volumes or self.space.pending or self.space._fresh_list)
             if sync_origins:
-                for v in self.volumes_by_name.values():
+                for v in self._volumes.values():
                     v._sync_origin()
             if nothing:
                 return
@@ -315,62 +323,106 @@ class Pool:
 
     # -- volumes ------------------------------------------------------------
     def create_volume(self, name: str, size: int | None = None, mode: str = "row",
-                      block_size: int = DEFAULT_BLOCK_SIZE, origin: str | None = None):
-        from .volumes import build_volume
+                      block_size: int = DEFAULT_BLOCK_SIZE, origin: str | None = None) -> VolumeBase:
         validate_name(name, "volume name")
         validate_block_size(block_size)
         if mode not in ("row", "cow"):
             raise InvalidArgument(f"invalid mode {mode!r}: use row or cow")
         with self.lock:
             self._check_open()
-            if name in self.volumes_by_name:
-                raise AlreadyExists(f"volume {name!r} already exists")
+            self._refuse_existing(name)
             if mode == "cow":
                 if not origin:
-                    raise InvalidArgument("a cow volume needs --origin IMAGE|DEVICE")
+                    raise InvalidArgument("a cow volume needs an origin image or device", param="origin")
                 origin = os.path.abspath(origin)
                 osize = device_size(origin)
                 if size is not None and size != osize:
-                    raise InvalidArgument(f"--size {size} differs from the origin's size {osize}")
+                    raise InvalidArgument(f"size {size} differs from the origin's size {osize}", param="size")
                 size = osize
-                if any(v.origin == origin for v in self.volumes_by_name.values()):
+                if any(v.origin == origin for v in self._volumes.values()):
                     raise Busy(f"{origin} is already the origin of another volume")
             elif origin:
-                raise InvalidArgument("--origin is only for --mode cow (use 'volume import' to copy an image)")
+                raise InvalidArgument("an origin is only for cow volumes; import copies an image "
+                                      "into a row volume", param="mode")
             if size is None:
-                raise InvalidArgument("--size is required")
+                raise InvalidArgument("a volume needs a size", param="size")
             if size <= 0 or size % 512:
                 raise InvalidArgument(f"invalid volume size {size}: must be a positive multiple of 512")
             nblocks = -(-size // block_size)
             row = VolumeRow(name=name, mode=mode, size=size, block_size=block_size, origin=origin,
                             root=0, levels=levels_for(nblocks), created=time.time())
-            vol = build_volume(self, row, [])
-            self.volumes_by_name[name] = vol
-            try:
-                self.commit(volumes=[vol])
-            except BaseException:
-                del self.volumes_by_name[name]
-                vol._close()
-                raise
-            return vol
+            return self._register(build_volume(self, row, []))
 
-    def volume(self, name: str):
+    def clone_snapshot(self, snap: Snapshot, name: str,
+                       progress: Callable[[int, int], None] | None = None) -> VolumeBase:
+        """A new writable ROW volume with the snapshot's content, sharing its blocks."""
+        validate_name(name, "volume name")
+        vol = snap.volume
+        with self.lock:
+            snap._check()
+            self._refuse_existing(name)
+            nblocks = -(-snap.size // vol.block_size)
+            row = VolumeRow(name=name, mode="row", size=snap.size, block_size=vol.block_size,
+                            origin=None, root=0, levels=levels_for(nblocks), created=time.time(),
+                            info={"cloned_from": snap.ref})
+            clone = build_volume(self, row, [])
+            vol._clone_into(snap.row, clone, progress)
+            return self._register(clone)
+
+    def import_volume(self, name: str, source: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                      progress: Callable[[int, int], None] | None = None) -> VolumeBase:
+        """A new ROW volume holding a copy of an image or device (holes stay holes)."""
+        validate_name(name, "volume name")
+        with self.lock:
+            self._refuse_existing(name)
+        return import_image(self, name, source, block_size, progress)
+
+    def delete_volume(self, name: str, recursive: bool = False) -> None:
+        """Drop a volume (and, with recursive, its snapshots). A cow origin is left as is."""
+        with self.lock:
+            vol = self.volume(name)
+            if vol.snapshot_rows and not recursive:
+                raise Busy(f"volume {name!r} has {len(vol.snapshot_rows)} snapshot(s): "
+                           "delete them first, or delete recursively", param="recursive")
+            vol._drop_all()
+            deleted = [(name, s.name) for s in vol.snapshot_rows]
+            del self._volumes[name]
+            vol.deleted = True
+            vol._close()
+            self.commit(deleted_volumes=[name], deleted_snapshots=deleted)
+
+    def _refuse_existing(self, name: str) -> None:
+        if name in self._volumes:
+            raise AlreadyExists(f"volume {name!r} already exists")
+
+    def _register(self, vol: VolumeBase) -> VolumeBase:
+        """Publish a new volume durably, or leave the pool as it was."""
+        self._volumes[vol.name] = vol
+        try:
+            self.commit(volumes=[vol])
+        except BaseException:
+            del self._volumes[vol.name]
+            vol._drop_all()
+            vol._close()
+            raise
+        return vol
+
+    def has_volume(self, name: str) -> bool:
+        with self.lock:
+            return name in self._volumes
+
+    def volume(self, name: str) -> VolumeBase:
         with self.lock:
             self._check_open()
             try:
-                return self.volumes_by_name[name]
+                return self._volumes[name]
             except KeyError:
                 validate_name(name, "volume name")
                 raise NotFound(f"no volume named {name!r}") from None
 
-    def volumes(self) -> list:
+    def volumes(self) -> list[VolumeBase]:
         with self.lock:
-            return [self.volumes_by_name[n] for n in sorted(self.volumes_by_name)]
-
-    def import_volume(self, name: str, source: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                      progress: Callable[[int, int], None] | None = None):
-        from .transfer import import_image
-        return import_image(self, name, source, block_size, progress)
+            return [self._volumes[n] for n in sorted(self._volumes)]
 
     def start_writeback(self) -> None:
         """Start writeback of the data store and the COW origins written to: data
@@ -378,7 +430,7 @@ class Pool:
         with self.lock:   # (copies of the descriptors: writeback may block, not under the lock)
             if self.closed:
                 return
-            stores = [self.store] + [v._origin for v in self.volumes_by_name.values()
+            stores = [self.store] + [v._origin for v in self._volumes.values()
                                      if getattr(v, "_origin", None) is not None]
             fds: list[int] = []
             try:
@@ -412,13 +464,12 @@ class Pool:
                 "size": total, "used": used, "free": total - used,
                 "used_percent": round(100.0 * used / total, 2) if total else 0.0,
                 "host_allocated": self.store.allocated_bytes(),
-                "volumes": len(self.volumes_by_name),
-                "snapshots": sum(len(v.snapshot_rows) for v in self.volumes_by_name.values()),
+                "volumes": len(self._volumes),
+                "snapshots": sum(len(v.snapshot_rows) for v in self._volumes.values()),
                 "metadata_pages": int(self.pages.next_id - 1 - len(self.pages.free_ids)),
                 "reclaimed_on_open": self.reclaimed_on_open,
                 "health": "ok" if not self.check_report.errors else "errors",
             }
 
     def check(self, repair: bool = False) -> dict:
-        from .check import check_pool
         return check_pool(self, repair)

@@ -58,7 +58,8 @@ def rebuild_refcounts(pp: PagePool, space: Space, roots: list[tuple[int, int]]) 
             new = new[pp.kind[new] == want]
         if h > 0:
             kids = pp.ptr[new]
-            for row_i, col_i in zip(*np.nonzero((kids >= n) | ((kids != 0) & ~exists[np.minimum(kids, n - 1).astype(np.int64)]))):
+            dangling = (kids >= n) | ((kids != 0) & ~exists[np.minimum(kids, n - 1).astype(np.int64)])
+            for row_i, col_i in zip(*np.nonzero(dangling)):
                 rep.bad_pointers.append((int(new[row_i]), int(col_i)))
             flat = kids.ravel()
             carry = flat[flat != 0].astype(np.int64)

@@ -8,12 +8,12 @@ on a map root.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import CorruptionError, InvalidArgument
-from .blockio import read_buffer, read_stored
+from ..errors import CorruptionError
+from .blockio import join_runs, read_buffer, read_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
@@ -120,11 +120,8 @@ class RowVolume(VolumeBase):
     def flush(self) -> None:
         self.pool.commit()
 
-    def resize(self, size: int) -> None:
+    def _resize(self, size: int) -> None:
         with self.pool.lock:
-            self._check()
-            if size <= 0 or size % 512:
-                raise InvalidArgument(f"invalid volume size {size}: must be a positive multiple of 512")
             if size < self.size:
                 keep = -(-size // self.block_size)
                 tail = keep * self.block_size
@@ -161,10 +158,6 @@ class RowVolume(VolumeBase):
             return self._snap_tree(srow), srow.size
         return self._read_tree(locate, offset, length, f" in snapshot {self.name}@{srow.name}", out)
 
-    def _snap_map(self, srow: SnapshotRow, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Entries of blocks [b0, b1) as a snapshot sees them (HOLE = zeros)."""
-        return self.pool.maps.get_range(self._snap_tree(srow), b0, b1)
-
     def _delete_snapshot(self, srow: SnapshotRow) -> None:
         self.snapshot_rows.remove(srow)
         self.pool.pages.decref(srow.root)
@@ -179,10 +172,12 @@ class RowVolume(VolumeBase):
         pool.pages.decref(old)
         pool.commit(volumes=[self])
 
-    def _clone_into(self, srow: SnapshotRow, new_row: VolumeRow, progress=None) -> VolumeRow:
+    def _clone_into(self, srow: SnapshotRow, clone: VolumeBase,
+                    progress: Callable[[int, int], None] | None = None) -> None:  # noqa: ARG002 - at once
+        """One reference on the snapshot's map root: every block is shared."""
+        assert isinstance(clone, RowVolume) and clone.tree.root == 0
         self.pool.pages.incref(srow.root)
-        new_row.root, new_row.levels = srow.root, srow.levels
-        return new_row
+        clone.tree = Tree(srow.root, srow.levels, self.units)
 
     def _diff(self, ra: SnapshotRow, rb: SnapshotRow | None) -> list[dict[str, int]]:
         ta = self._snap_tree(ra)
@@ -190,42 +185,46 @@ class RowVolume(VolumeBase):
         sa, sb = ra.size, (rb.size if rb is not None else self.size)
         bs = self.block_size
         nmax = -(-max(sa, sb) // bs)
-        mask = np.zeros(nmax, bool)
+        tail = min(sa, sb) // bs if sa != sb else nmax   # past the smaller size: all changed
         maps, pp = self.pool.maps, self.pool.pages
         la = dict(maps.iter_leaves(ta))
         lb = dict(maps.iter_leaves(tb))
         zero = np.zeros(E, np.uint64)
-        for li in sorted(set(la) | set(lb)):
-            pa, pb = la.get(li, 0), lb.get(li, 0)
-            if pa == pb:
-                continue
-            ea = pp.ptr[pa] if pa else zero
-            eb = pp.ptr[pb] if pb else zero
-            ch = ea != eb
-            lo = li * E
-            hi = min(lo + E, nmax)
-            if lo < hi:
-                mask[lo:hi] |= ch[:hi - lo]
-        if sa != sb:
-            mask[min(sa, sb) // bs:] = True
-        return self._extents(mask, bs, max(sa, sb))
+
+        def pieces() -> Iterator[tuple[int, np.ndarray]]:
+            """Changed entries a leaf at a time (leaves the maps share are skipped)."""
+            for li in sorted(set(la) | set(lb)):
+                pa, pb = la.get(li, 0), lb.get(li, 0)
+                lo = li * E
+                hi = min(lo + E, tail)
+                if pa == pb or lo >= hi:
+                    continue
+                ea = pp.ptr[pa] if pa else zero
+                eb = pp.ptr[pb] if pb else zero
+                yield lo, (ea != eb)[:hi - lo]
+        runs = list(join_runs(pieces()))
+        if tail < nmax:
+            if runs and sum(runs[-1]) == tail:
+                runs[-1] = (runs[-1][0], nmax - runs[-1][0])
+            else:
+                runs.append((tail, nmax - tail))
+        return self._extents(runs, bs, max(sa, sb))
 
     def _allocated_bytes(self) -> int:
         pp = self.pool.pages
         count = sum(int((pp.ptr[p] >= 2).sum()) for _, p in self.pool.maps.iter_leaves(self.tree))
         return count * self.block_size
 
-    def _snap_candidates(self, srow: SnapshotRow) -> np.ndarray:
-        """Mask of blocks that may hold data in the snapshot (others are holes)."""
-        tree = self._snap_tree(srow)
+    def _snap_runs(self, srow: SnapshotRow) -> Iterator[tuple[int, int]]:
         n = -(-srow.size // self.block_size)
-        mask = np.zeros(n, bool)
-        for li, p in self.pool.maps.iter_leaves(tree):
-            lo = li * E
-            hi = min(lo + E, n)
-            if lo < hi:
-                mask[lo:hi] = self.pool.pages.ptr[p, :hi - lo] >= 2
-        return mask
+        ptr = self.pool.pages.ptr
+
+        def pieces() -> Iterator[tuple[int, np.ndarray]]:
+            for li, p in self.pool.maps.iter_leaves(self._snap_tree(srow)):
+                lo = li * E
+                if lo < n:
+                    yield lo, ptr[p, :min(E, n - lo)] >= 2
+        return join_runs(pieces())
 
     def _drop_all(self) -> None:
         for s in self.snapshot_rows:

@@ -1,13 +1,16 @@
-"""A snapshot handle: read-only view, clone, delete, export, metadata."""
+"""A snapshot handle: read-only view, clone, delete, export, metadata.
+
+A handle names one catalog row of its volume; what it does to the pool (a clone
+registers a new volume) goes through the pool, which owns that.
+"""
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import Busy
-from ..units import validate_name
-from .catalog import SnapshotRow, VolumeRow
-from .radix import levels_for
+from ..errors import Busy, InvalidArgument
+from .catalog import CONSISTENCY, SnapshotRow
+from .transfer import export_snapshot
 
 if TYPE_CHECKING:
     from .volume_base import VolumeBase
@@ -38,6 +41,11 @@ class Snapshot:
         if self.row not in self.volume.snapshot_rows:
             raise Busy(f"snapshot {self.ref} was deleted")
 
+    @property
+    def seq(self) -> int:
+        """Order of creation within the volume (a larger seq is newer)."""
+        return self.row.seq
+
     def info(self) -> dict[str, Any]:
         return {
             "volume": self.volume.name, "name": self.name, "ref": self.ref,
@@ -47,6 +55,15 @@ class Snapshot:
             "consistency": self.consistency, "labels": self.labels, "hooks": self.hooks,
             "seq": self.row.seq,
         }
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) byte ranges that may hold data, from the maps alone; the
+        rest of the snapshot reads as zeros. Clipped to the snapshot's size."""
+        vol = self.volume
+        bs = vol.block_size
+        with vol.pool.lock:
+            self._check()
+            return [(s * bs, min(c * bs, self.size - s * bs)) for s, c in vol._snap_runs(self.row)]
 
     # -- data -----------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -58,14 +75,11 @@ class Snapshot:
 
     def export(self, output: str, progress: Callable[[int, int], None] | None = None,
                force: bool = False) -> dict[str, int]:
-        from .transfer import export_snapshot
         return export_snapshot(self, output, progress, force)
 
     def set_metadata(self, *, consistency: str | None = None, hooks: dict | None = None,
                      labels: dict | None = None) -> None:
         """Record what the freeze hooks did, after the snapshot exists."""
-        from ..errors import InvalidArgument
-        from .volume_base import CONSISTENCY
         with self.volume.pool.lock:
             self._check()
             if consistency is not None:
@@ -86,21 +100,4 @@ class Snapshot:
 
     def clone(self, name: str, progress: Callable[[int, int], None] | None = None):
         """A new writable ROW volume with this snapshot's content, sharing its blocks."""
-        from .volumes import build_volume
-        vol = self.volume
-        pool = vol.pool
-        validate_name(name, "volume name")
-        with pool.lock:
-            self._check()
-            if name in pool.volumes_by_name:
-                from ..errors import AlreadyExists
-                raise AlreadyExists(f"volume {name!r} already exists")
-            nblocks = -(-self.size // vol.block_size)
-            row = VolumeRow(name=name, mode="row", size=self.size, block_size=vol.block_size,
-                            origin=None, root=0, levels=levels_for(nblocks), created=time.time(),
-                            info={"cloned_from": self.ref})
-            row = vol._clone_into(self.row, row, progress)
-            new = build_volume(pool, row, [])
-            pool.volumes_by_name[name] = new
-            pool.commit(volumes=[new])
-            return new
+        return self.volume.pool.clone_snapshot(self, name, progress)

@@ -60,9 +60,8 @@ def import_image(pool, name: str, source: str, block_size: int, progress: Progre
                     progress(min(off + n, size), size)
         vol.flush()
     except BaseException:
-        from .volumes import delete_volume
         try:
-            delete_volume(pool, name)
+            pool.delete_volume(name)
         finally:
             src.close()
         raise
@@ -78,7 +77,7 @@ def export_snapshot(snap, output: str, progress: Progress = None, force: bool = 
     bs = vol.block_size
     is_dev = os.path.exists(output) and stat.S_ISBLK(os.stat(output).st_mode)
     if os.path.exists(output) and not is_dev and not force:
-        raise AlreadyExists(f"{output}: exists (use --force to overwrite)")
+        raise AlreadyExists(f"{output}: exists", param="force")
     if is_dev and device_size(output) < snap.size:
         raise InvalidArgument(f"{output}: device is smaller than the snapshot ({snap.size} bytes)")
     target = output if is_dev else f"{output}.blocksnap-partial"
@@ -88,17 +87,11 @@ def export_snapshot(snap, output: str, progress: Progress = None, force: bool = 
         if not is_dev:
             os.ftruncate(out.fd, 0)
             os.ftruncate(out.fd, snap.size)
-        with vol.pool.lock:
-            snap._check()
-            cand = vol._snap_candidates(snap.row)
-        if is_dev:
-            cand[:] = True  # a device's old content must be overwritten, zeros included
-        step = max(1, CHUNK // bs)
-        for s, c in mask_runs(cand):
-            for b in range(s, s + c, step):
-                cnt = min(step, s + c - b)
-                off = b * bs
-                length = min(cnt * bs, snap.size - off)
+        # a device's old content must be overwritten, zeros included
+        extents = [(0, snap.size)] if is_dev else snap.data_extents()
+        for start, total in extents:
+            for off in range(start, start + total, CHUNK):
+                length = min(CHUNK, start + total - off)
                 data = snap.read(off, length)
                 if is_dev:
                     out.pwrite(data, off)

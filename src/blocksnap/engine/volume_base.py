@@ -1,25 +1,31 @@
-"""What every volume kind shares: identity, bounds, the snapshot catalog, reporting."""
+"""What every volume kind shares: identity, bounds, the snapshot catalog, reporting.
+
+The subclass contract (ROW in row.py, COW in cow.py) is the abstract methods below:
+live I/O, and the snapshot operations the public methods here call under the pool
+lock. Defaults cover what only some kinds need (origin sync, moved snapshot roots).
+Creating, registering and deleting a volume is the pool's job (pool.py); a volume
+reaches its pool only through the attribute it was built with.
+"""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..units import validate_name
 from .blockio import mask_runs
-from .catalog import SnapshotRow, VolumeRow
+from .catalog import CONSISTENCY, SnapshotRow, VolumeRow
 from .layout import UNIT
+from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .pool import Pool
-    from .snapshot import Snapshot
-
-CONSISTENCY = ("crash", "filesystem", "application")
 
 
-class VolumeBase:
+class VolumeBase(ABC):
     mode = "?"
 
     def __init__(self, pool: "Pool", row: VolumeRow, snaps: list[SnapshotRow]):
@@ -75,30 +81,30 @@ class VolumeBase:
                            labels=labels, hooks=dict(hooks or {}))
 
     @staticmethod
-    def _extents(mask: np.ndarray, bs: int, size: int) -> list[dict[str, int]]:
+    def _extents(runs, bs: int, size: int) -> list[dict[str, int]]:
+        """Byte extents of block runs: a boolean mask, or (start, count) pairs."""
+        if isinstance(runs, np.ndarray):
+            runs = mask_runs(runs)
         out = []
-        for start, count in mask_runs(mask):
+        for start, count in runs:
             off = start * bs
             out.append({"offset": off, "length": min(count * bs, size - off)})
         return out
 
     # -- snapshots (public) --------------------------------------------------
-    def snapshots(self) -> list["Snapshot"]:
-        from .snapshot import Snapshot
+    def snapshots(self) -> list[Snapshot]:
         with self.pool.lock:
             self._check()
             return [Snapshot(self, s) for s in self.snapshot_rows]
 
-    def get_snapshot(self, name: str) -> "Snapshot":
-        from .snapshot import Snapshot
+    def get_snapshot(self, name: str) -> Snapshot:
         with self.pool.lock:
             self._check()
             return Snapshot(self, self._srow(name))
 
     def snapshot(self, name: str, labels: dict[str, str] | None = None,
-                 consistency: str = "crash", hooks: dict[str, Any] | None = None) -> "Snapshot":
+                 consistency: str = "crash", hooks: dict[str, Any] | None = None) -> Snapshot:
         """Atomic: holds every write completed before the call; durable on return."""
-        from .snapshot import Snapshot
         with self.pool.lock:
             self._check()
             srow = self._create_snapshot(name, labels, consistency, hooks)
@@ -126,15 +132,101 @@ class VolumeBase:
                 "allocated": self._allocated_bytes(),
             }
 
-    def _sync_origin(self) -> None:
-        pass
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Grow the volume, or with shrink=True cut it (the data past `size` is lost:
+        never without the caller saying so, as with qemu-img resize --shrink)."""
+        with self.pool.lock:
+            self._check()
+            if size <= 0 or size % 512:
+                raise InvalidArgument(f"invalid volume size {size}: must be a positive multiple of 512")
+            if size < self.size and not shrink:
+                raise InvalidArgument(f"{size} bytes is smaller than volume {self.name} ({self.size} bytes): "
+                                      "shrinking drops the data past the new end", param="shrink")
+            if size != self.size:
+                self._resize(size)
 
-    def _dirty_snapshot_rows(self) -> list[SnapshotRow]:
-        return []
-
-    def _close(self) -> None:
-        pass
+    def update_extra(self, changes: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> None:
+        """Set and remove keys of the volume's free-form info (streams record what was
+        received there), durably."""
+        with self.pool.lock:
+            self._check()
+            extra = {k: v for k, v in self.extra.items() if k not in drop}
+            extra.update(changes or {})
+            self.extra = extra
+            self.pool.commit(volumes=[self])
 
     def delete(self, recursive: bool = False) -> None:
-        from .volumes import delete_volume
-        delete_volume(self.pool, self.name, recursive)
+        self.pool.delete_volume(self.name, recursive)
+
+    # -- defaults a kind may override ----------------------------------------
+    def _sync_origin(self) -> None:  # noqa: B027 - a default, not part of the contract
+        """Make writes to data outside the pool durable (COW origins)."""
+
+    def _dirty_snapshot_rows(self) -> list[SnapshotRow]:
+        """Snapshot rows whose map root moved since the last commit."""
+        return []
+
+    def _close(self) -> None:  # noqa: B027 - a default, not part of the contract
+        """Release what the volume holds open (COW origins)."""
+
+    # -- the contract of a volume kind -----------------------------------------
+    @abstractmethod
+    def row(self) -> VolumeRow:
+        """The catalog row that describes the volume now."""
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def read_into(self, offset: int, out: memoryview) -> None: ...
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    @abstractmethod
+    def discard(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None: ...
+
+    @abstractmethod
+    def _resize(self, size: int) -> None:
+        """Change the size (checked by resize(): a positive multiple of 512, and
+        consent given to a shrink)."""
+
+    @abstractmethod
+    def _create_snapshot(self, name: str, labels: dict | None, consistency: str,
+                         hooks: dict | None) -> SnapshotRow:
+        """Make the snapshot durable and add its row to snapshot_rows."""
+
+    @abstractmethod
+    def _snap_read(self, srow: SnapshotRow, offset: int, length: int,
+                   check: Callable[[], None] = lambda: None, out: memoryview | None = None) -> bytes | None:
+        """A snapshot's bytes; `check` runs under the lock before the map is read."""
+
+    @abstractmethod
+    def _snap_runs(self, srow: SnapshotRow) -> Iterator[tuple[int, int]]:
+        """(first block, count) runs that may hold data in the snapshot, in order;
+        the rest are holes. Found from the maps, one leaf at a time."""
+
+    @abstractmethod
+    def _delete_snapshot(self, srow: SnapshotRow) -> None: ...
+
+    @abstractmethod
+    def _rollback(self, srow: SnapshotRow) -> None: ...
+
+    @abstractmethod
+    def _clone_into(self, srow: SnapshotRow, clone: "VolumeBase",
+                    progress: Callable[[int, int], None] | None = None) -> None:
+        """Give the empty ROW volume `clone` the snapshot's content (sharing blocks);
+        on failure leave the pool as it was."""
+
+    @abstractmethod
+    def _diff(self, ra: SnapshotRow, rb: SnapshotRow | None) -> list[dict[str, int]]: ...
+
+    @abstractmethod
+    def _allocated_bytes(self) -> int: ...
+
+    @abstractmethod
+    def _drop_all(self) -> None:
+        """Give back every map reference of the volume and its snapshots (delete)."""

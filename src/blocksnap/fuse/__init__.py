@@ -14,7 +14,7 @@ import os
 # import mfusepy (any other must import it through this package too).
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
 
-from .fs import BlocksnapFS  # noqa: E402
-from .mount import run_fuse  # noqa: E402
+from .fs import BlocksnapFS
+from .mount import run_fuse
 
 __all__ = ["BlocksnapFS", "run_fuse"]

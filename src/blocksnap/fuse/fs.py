@@ -214,7 +214,7 @@ class BlocksnapFS(mfusepy.Operations):
         else:
             kind, vol, snap = self._lookup(path)
         if kind == "root":
-            return self._dir(2 + len(self.pool.volumes_by_name), self.started)
+            return self._dir(2 + len(self.pool.volumes()), self.started)
         created = int(vol.created * 1e9)
         if kind == "voldir":
             return self._dir(3, created)
@@ -443,7 +443,7 @@ class BlocksnapFS(mfusepy.Operations):
                     if self.pool.closed:
                         return
                     self.pool.commit()
-            except Exception:  # noqa: BLE001 - the next flush will report it
+            except Exception:
                 log.exception("background commit failed")
 
     def destroy(self, path: str) -> None:

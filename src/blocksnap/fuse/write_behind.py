@@ -140,7 +140,7 @@ class Writeback:
             self.wake.clear()
             try:
                 self.start()
-            except Exception:  # noqa: BLE001 - only a head start for the next flush
+            except Exception:
                 log.exception("starting writeback failed")
 
     def close(self) -> None:
@@ -302,7 +302,7 @@ class VolumeQueue:
             for lo, hi in c.runs:
                 try:
                     self.vol.write(lo, view[lo - c.start:hi - c.start])
-                except Exception as e:  # noqa: BLE001 - keep serving; reported at the next flush
+                except Exception as e:
                     if isinstance(e, (BlocksnapError, OSError)):
                         log.error("write-behind: %s: write at %d: %s", self.vol.name, lo, e)
                     else:

@@ -9,8 +9,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .plan import HookError
 from .ioctls import FIFREEZE, FITHAW
+from .plan import HookError
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 

@@ -273,7 +273,7 @@ class _Run:
 
             if failure is None or action_done:  # a late signal: the snapshot exists, finish normally
                 return self._complete(result, succeeded, guard, old_dont_write)
-            self._abort(failure, action_done, guard, old_dont_write)
+            self._abort(failure, old_dont_write)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _release_all(self, aborted: bool, errors: list[str] | None = None) -> None:
@@ -321,8 +321,7 @@ class _Run:
             self.errors.append(f"{guard.signal_name} received after the action; the run was completed")
         return self._finish()
 
-    def _abort(self, failure: BaseException, action_done: bool, guard: SignalGuard,
-               old_dont_write: bool) -> None:
+    def _abort(self, failure: BaseException, old_dont_write: bool) -> None:
         cleanup_errors: list[str] = []
         try:
             cleanup_errors.extend(self._thaw(aborted=True))

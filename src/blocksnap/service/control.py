@@ -42,7 +42,9 @@ def remote_error(resp: dict[str, Any]) -> errors.BlocksnapError:
     cls = getattr(errors, str(resp.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, errors.BlocksnapError)):
         cls = errors.BlocksnapError
-    return cls(str(resp.get("error") or "the pool's daemon reported an unknown error"))
+    param = resp.get("param")
+    return cls(str(resp.get("error") or "the pool's daemon reported an unknown error"),
+               param=param if isinstance(param, str) else None)
 
 
 def connect(pool_path: str, timeout: float | None = None) -> socket.socket | None:

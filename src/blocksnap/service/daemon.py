@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from ..engine.pool import Pool
+from ..engine import Pool
 from . import daemon_state, loopdev
 from .control import socket_path
 from .daemon_ops import DaemonOps
@@ -153,7 +153,7 @@ class Daemon:
         if self.pool is not None and not self.pool.closed:
             try:
                 self.pool.commit()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("flush at shutdown failed")
         if self.fs is not None and not self.fuse_done.is_set():
             self._unmount_fuse()

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Busy, InvalidArgument, NotFound
+from ..errors import Busy, InvalidArgument, NotFound, UnknownOperation
 from ..units import split_snapshot_ref, validate_name
 from . import loopdev
 from .daemon_state import Device
@@ -51,14 +51,18 @@ class DaemonOps:
 
     # -- dispatch ----------------------------------------------------------------
     def __call__(self, op: str, args: dict[str, Any]) -> Any:
+        if op not in self.handlers and op not in OPS:
+            raise UnknownOperation(f"the daemon offers no operation {op!r} (known: "
+                                   f"{', '.join(sorted(self.operations()))})")
         self._refuse_during_receive(op, args)
         self.d.fs.drain()   # every write acknowledged before the command is in the engine
         if op in self.handlers:
             return self.handlers[op](**args)
-        fn = OPS.get(op)
-        if fn is None:
-            raise InvalidArgument(f"unknown operation {op!r}")
-        return fn(self.d.pool, **args)
+        return OPS[op](self.d.pool, **args)
+
+    def operations(self) -> set[str]:
+        """Every operation a client may ask for: service.ops' table and the daemon's own."""
+        return set(OPS) | set(self.handlers)
 
     def _refuse_during_receive(self, op: str, args: dict[str, Any]) -> None:
         """Nothing changes a volume a receive is writing (reads, send, export go on)."""
@@ -128,7 +132,7 @@ class DaemonOps:
             self._check_running()
             if volume in self.receiving:
                 raise Busy(f"volume {volume} is already being received into")
-            why = self._busy_volume(volume, snapshots_too=False) if volume in self.d.pool.volumes_by_name else None
+            why = self._busy_volume(volume, snapshots_too=False) if self.d.pool.has_volume(volume) else None
             if why:
                 raise Busy(f"cannot receive into {volume}: {why}; detach it first")
             self.receiving.add(volume)

@@ -54,13 +54,13 @@ def answer(handler: Handler, line: bytes, fds: list[int] | None = None,
     try:
         return {"ok": handler(op, args)}
     except BlocksnapError as e:
-        return {"error": str(e), "type": type(e).__name__}
+        return {"error": str(e), "type": type(e).__name__, "param": e.param}
     except TypeError as e:
         return {"error": f"bad arguments for {op}: {e}", "type": "InvalidArgument"}
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         return {"error": f"{e.strerror or e}{where}", "type": "BlocksnapError"}
-    except Exception as e:  # noqa: BLE001 - the daemon must survive a bug in one op
+    except Exception as e:
         log.exception("op %s failed", op)
         return {"error": f"internal error in the daemon: {type(e).__name__}: {e}", "type": "BlocksnapError"}
 

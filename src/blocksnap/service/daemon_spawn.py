@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 from ..errors import BlocksnapError, Busy
+from . import daemon_state
 from .control import NOT_RUNNING, try_remote
 from .daemon import READY_TIMEOUT
-from . import daemon_state
 from .daemon_state import log_path, pid_alive
 
 DEFAULT_MOUNT_DIR = "mnt"
@@ -106,7 +106,7 @@ def ensure(pool_path: str) -> tuple[dict[str, Any], bool]:
 def cleanup_dead(pool_path: str) -> list[str]:
     """What a daemon killed without shutting down left behind (its FUSE mount, loop
     devices, snapshot mounts), taken down while holding the pool: none can be serving."""
-    from ..engine.pool import Pool
+    from ..engine import Pool
     with Pool.open(pool_path):
         return daemon_state.cleanup_stale(pool_path, default_mountpoint(pool_path))
 

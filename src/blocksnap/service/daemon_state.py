@@ -109,7 +109,7 @@ def is_dead_mount(path: str) -> bool:
     return False
 
 
-def _take_down(dev: Device | None, device: str, why: str) -> None:
+def _take_down(device: str, why: str) -> None:
     """Unmount whatever sits on a dead loop device, then detach it."""
     for where in loopdev.mounted_at(device):
         log.warning("%s: lazily unmounting %s from dead device %s", why, where, device)
@@ -142,7 +142,7 @@ def cleanup_stale(pool_path: str, mountpoint: str) -> list[str]:
         mps.add(os.path.abspath(state.mountpoint))
         for d in state.devices:  # recorded devices still bound to what we made them for
             if loopdev.backing_file(d.device) == d.path:
-                _take_down(d, d.device, "stale device")
+                _take_down(d.device, "stale device")
                 done.append(d.device)
     for mp in sorted(mps):
         m = loopdev.mount_at(mp)
@@ -150,7 +150,7 @@ def cleanup_stale(pool_path: str, mountpoint: str) -> list[str]:
             continue
         for dev in loopdev.loops_under(mp):
             if dev not in done:   # a recorded one is down already
-                _take_down(None, dev, "stale device")
+                _take_down(dev, "stale device")
                 done.append(dev)
         log.warning("unmounting stale FUSE mount %s", mp)
         try:

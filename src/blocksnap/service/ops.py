@@ -5,12 +5,11 @@ data, so the same function serves a local call and a request over the socket.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
-from ..engine.check import scrub as _scrub
+from ..engine import Pool
+from ..engine import scrub as _scrub
 from ..errors import BlocksnapError
-from ..engine.pool import Pool
 from ..units import split_snapshot_pair, split_snapshot_ref, validate_name
 from .fdio import stream_file
 
@@ -34,10 +33,6 @@ def volume_create(pool: Pool, name: str, size: int | None, mode: str, origin: st
 
 
 def volume_import(pool: Pool, name: str, source: str, block_size: int, progress: Progress = None) -> dict:
-    validate_name(name, "volume name")
-    if name in pool.volumes_by_name:
-        from ..errors import AlreadyExists
-        raise AlreadyExists(f"volume {name!r} already exists")
     return pool.import_volume(name, source, block_size, progress).info()
 
 
@@ -54,10 +49,16 @@ def volume_delete(pool: Pool, name: str, recursive: bool = False) -> dict:
     return {"deleted": name}
 
 
-def volume_resize(pool: Pool, name: str, size: int) -> dict:
+def volume_resize(pool: Pool, name: str, size: int, shrink: bool = False) -> dict:
+    """The command's resize: to whole blocks (rounded up, and the answer says so)."""
     vol = pool.volume(name)
-    vol.resize(size)
-    return vol.info()
+    bs = vol.block_size
+    whole = -(-size // bs) * bs if size > 0 and size % 512 == 0 else size   # (else the engine says why)
+    vol.resize(whole, shrink=shrink)
+    info = vol.info()
+    if whole != size:
+        info["rounded_up_from"] = size
+    return info
 
 
 def snapshot_create(pool: Pool, ref: str, labels: dict[str, str] | None = None,
@@ -112,13 +113,13 @@ def export(pool: Pool, ref: str, output: str, force: bool = False, progress: Pro
 
 
 def send(pool: Pool, ref: str, fd: int, base: str | None = None, progress: Progress = None,
-         watch_fd: int | None = None) -> dict:
+         watch_fd: int | None = None, start: int = 0) -> dict:
     """The stream goes to `fd`: the caller's own, or one a client passed to the daemon
     (then `watch_fd` is the client's connection, and the send ends if it closes)."""
     from ..streams import send as _send
     try:
         with stream_file(fd, "wb", watch_fd) as out:
-            return _send(pool, ref, out, base, progress)
+            return _send(pool, ref, out, base, progress, start)
     except BrokenPipeError:
         raise BlocksnapError("the stream's reader closed it before the end (broken pipe)") from None
 
@@ -144,8 +145,15 @@ def scrub(pool: Pool, target: str, progress: Progress = None) -> dict:
     return res
 
 
+# The operations a client may ask for, by name: this table, not whatever the module
+# defines, is what the daemon offers over its socket (daemon_ops adds its own).
 OPS: dict[str, Callable[..., Any]] = {
-    name: fn for name, fn in globals().items()
-    if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == __name__
+    "pool_status": pool_status,
+    "volume_create": volume_create, "volume_import": volume_import, "volume_list": volume_list,
+    "volume_show": volume_show, "volume_delete": volume_delete, "volume_resize": volume_resize,
+    "snapshot_create": snapshot_create, "snapshot_set_metadata": snapshot_set_metadata,
+    "snapshot_list": snapshot_list, "snapshot_show": snapshot_show, "snapshot_delete": snapshot_delete,
+    "snapshot_rollback": snapshot_rollback, "snapshot_clone": snapshot_clone, "snapshot_diff": snapshot_diff,
+    "export": export, "send": send, "receive": receive, "check": check, "scrub": scrub,
 }
 PROGRESS_OPS = {"volume_import", "snapshot_clone", "export", "scrub", "send", "receive"}

@@ -5,7 +5,7 @@ import contextlib
 import time
 from typing import Any, Callable, Iterator
 
-from ..engine.pool import Pool
+from ..engine import Pool
 from ..errors import Busy
 from .control import NOT_RUNNING, try_remote
 from .ops import OPS, PROGRESS_OPS

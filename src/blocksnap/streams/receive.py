@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO, Callable
 
-from ..engine.volume_base import CONSISTENCY
+from ..engine import CONSISTENCY
 from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..units import validate_name
 from .format import DATA, StreamError, StreamReader
@@ -31,7 +31,8 @@ def _header(r: StreamReader) -> dict[str, Any]:
         ok = (h["kind"] in ("full", "incremental") and type(h["size"]) is int and h["size"] > 0
               and type(h["block_size"]) is int and _is_id(src)
               and (base is None if h["kind"] == "full" else _is_id(base))
-              and isinstance(labels, dict) and h.get("consistency", "crash") in CONSISTENCY)
+              and isinstance(labels, dict) and h.get("consistency", "crash") in CONSISTENCY
+              and not h.get("start"))   # a backup's partial stream is not a snapshot
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -77,9 +78,7 @@ def _finish(pool, vol, h: dict[str, Any]) -> None:
         names = {s.name for s in vol.snapshots()}
         received = {k: v for k, v in (vol.extra.get(RECEIVED) or {}).items() if k in names}
         received[snap.name] = {"source": src, "created": snap.created}
-        extra = {k: v for k, v in vol.extra.items() if k != PARTIAL}
-        vol.extra = dict(extra, **{RECEIVED: received})
-        pool.commit(volumes=[vol])
+        vol.update_extra({RECEIVED: received}, drop=(PARTIAL,))
 
 
 def receive(pool, name: str, src: BinaryIO, progress: Progress = None, force: bool = False) -> dict[str, Any]:
@@ -91,15 +90,14 @@ def receive(pool, name: str, src: BinaryIO, progress: Progress = None, force: bo
     snap = h["source"]["snapshot"]
     total = int(h.get("scan_bytes") or 0)
     if h["base"] is None:
-        if name in pool.volumes_by_name:
+        if pool.has_volume(name):
             if PARTIAL in pool.volume(name).extra:
                 raise AlreadyExists(f"volume {name!r} holds a receive that was interrupted: delete it "
                                     f"(blocksnap volume delete {name}) and receive again")
             raise AlreadyExists(f"volume {name!r} already exists (a full stream makes a new volume)")
         vol = pool.create_volume(name, size=h["size"], mode="row", block_size=h["block_size"])
-        with pool.lock:   # durable before any data: a crash leaves a volume that says so
-            vol.extra = dict(vol.extra, **{PARTIAL: h["source"]})
-            pool.commit(volumes=[vol])
+        vol.update_extra({PARTIAL: h["source"]})   # durable before any data: a crash leaves
+                                                   # a volume that says so
         try:
             written = _apply(vol, r, total, progress)
             _finish(pool, vol, h)
@@ -111,7 +109,7 @@ def receive(pool, name: str, src: BinaryIO, progress: Progress = None, force: bo
         base = h["base"]["snapshot"]
         try:
             if vol.size != h["size"]:
-                vol.resize(h["size"])
+                vol.resize(h["size"], shrink=True)   # the stream's snapshot is that size
             written = _apply(vol, r, total, progress)
             _finish(pool, vol, h)
         except BaseException:
@@ -124,7 +122,7 @@ def receive(pool, name: str, src: BinaryIO, progress: Progress = None, force: bo
 def _incremental_target(pool, name: str, h: dict[str, Any], force: bool = False):
     base, src = h["base"], h["source"]
     want = f"{name}@{base.get('snapshot')}"
-    if name not in pool.volumes_by_name:
+    if not pool.has_volume(name):
         raise NotFound(f"no volume {name!r}: an incremental stream needs {want} to apply to "
                        f"(receive the full stream of {base.get('volume')}@{base.get('snapshot')} first)")
     vol = pool.volume(name)
@@ -144,6 +142,7 @@ def _incremental_target(pool, name: str, h: dict[str, Any], force: bool = False)
     if vol.diff(base["snapshot"]) or vol.size != snaps[-1].size:
         if not force:
             raise InvalidArgument(f"volume {name} was written since {want}: roll it back first "
-                                  f"(blocksnap snapshot rollback {want}), or receive with --force")
+                                  f"(blocksnap snapshot rollback {want}), or let the receive roll it back",
+                                  param="force")
         vol.rollback(base["snapshot"])
     return vol

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO, Callable
 
-from ..engine.blockio import mask_runs, nonzero_blocks
+from ..engine import mask_runs, nonzero_blocks
 from ..errors import InvalidArgument
 from ..units import split_snapshot_pair
 from .format import CHUNK, StreamWriter
@@ -27,11 +27,7 @@ def snapshot_id(snap) -> dict[str, Any]:
 def _extents(vol, snap, base) -> list[tuple[int, int]]:
     """(offset, length) ranges to send, clipped to the snapshot's size."""
     if base is None:
-        with vol.pool.lock:
-            snap._check()
-            cand = vol._snap_candidates(snap.row)
-        bs = vol.block_size
-        runs = [(s * bs, c * bs) for s, c in mask_runs(cand)]
+        runs = snap.data_extents()
     else:
         runs = [(e["offset"], e["length"]) for e in vol.diff(base.name, snap.name)]
     out = []
@@ -42,15 +38,21 @@ def _extents(vol, snap, base) -> list[tuple[int, int]]:
     return out
 
 
-def send(pool, ref: str, out: BinaryIO, base_ref: str | None = None, progress: Progress = None) -> dict[str, Any]:
+def send(pool, ref: str, out: BinaryIO, base_ref: str | None = None, progress: Progress = None,
+         start: int = 0) -> dict[str, Any]:
+    """With `start`, only the records from that byte on (a backup resuming where a run
+    cut short left off; such a stream says so in its header, and receive refuses it)."""
     vname, sname, bname = split_snapshot_pair(ref, base_ref, "send between")
     vol = pool.volume(vname)
     snap = vol.get_snapshot(sname)
     base = vol.get_snapshot(bname) if bname is not None else None
     if base is not None:
-        if base.row.seq >= snap.row.seq:
+        if base.seq >= snap.seq:
             raise InvalidArgument(f"the base {base_ref} must be older than {ref}")
-    extents = _extents(vol, snap, base)
+    if start < 0 or start % vol.block_size:
+        raise InvalidArgument(f"a stream starts at a whole block, not at byte {start}")
+    extents = [(max(off, start), off + n - max(off, start)) for off, n in _extents(vol, snap, base)
+               if off + n > start]
     total = sum(n for _, n in extents)
     header = {
         "kind": "incremental" if base else "full",
@@ -58,6 +60,8 @@ def send(pool, ref: str, out: BinaryIO, base_ref: str | None = None, progress: P
         "size": snap.size, "block_size": vol.block_size,
         "labels": snap.labels, "consistency": snap.consistency, "scan_bytes": total,
     }
+    if start:
+        header["start"] = start
     w = StreamWriter(out, header)
     bs = vol.block_size
     step = max(bs, CHUNK // bs * bs)
