@@ -1,7 +1,8 @@
 #!/bin/bash
 # The blocksnap demo: a pool in ./demo/pool; an ext4 image imported, snapshotted,
 # changed, diffed, exported, sent to a second pool and backed up to an encrypted
-# repository and restored; a live volume attached as a loop device through
+# repository and restored; a 4 TiB thin volume backed up at the cost of what it
+# holds; a live volume attached as a loop device through
 # FUSE, snapshotted with its filesystem frozen, a file pulled back from the
 # snapshot mounted read-only; rollback, scrub, check. Run as root on Debian:
 #     bash tools/demo.sh
@@ -70,6 +71,23 @@ run cmp "$DEMO/restored-after.img" "$DEMO/after.img" && echo "the restored image
 run blocksnap verify --read-data
 run blocksnap prune --keep-last 1
 run e2fsck -fn "$DEMO/restored-after.img"
+
+step "a 4 TiB thin volume holding 32 MiB: its backups cost what it holds (sparse manifests)"
+run blocksnap volume create huge --size 4T
+python3 -c '
+import os, blocksnap
+with blocksnap.Pool.open(os.environ["BLOCKSNAP_POOL"]) as pool:
+    v = pool.volume("huge")
+    for i in range(32):
+        v.write(i * (128 << 30), os.urandom(1 << 20))   # 1 MiB every 128 GiB
+'
+run blocksnap snapshot create huge@mon
+run blocksnap backup huge@mon
+run blocksnap snapshot create huge@tue
+run blocksnap backup huge@tue     # nothing changed: nothing read, one small manifest
+echo "a smaller size needs --shrink (the data past it would be lost):"
+blocksnap volume resize huge 1T || true
+run blocksnap volume resize huge 1T --shrink
 
 step "a live volume as a block device: attach (FUSE + loop), make a filesystem, write files"
 MNT=$DEMO/mnt-live; RESTORE=$DEMO/mnt-restore; mkdir -p "$MNT" "$RESTORE"

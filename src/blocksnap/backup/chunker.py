@@ -12,6 +12,7 @@ import collections
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -23,21 +24,26 @@ UPLOADS = 2      # packs being written
 
 
 class Chunker:
-    def __init__(self, repo: Repository, ids: np.ndarray, chunk_size: int):
-        self.repo, self.ids, self.bs = repo, ids, chunk_size
+    """Records in, (first chunk, IDs) pieces out, in the order they were added."""
+
+    def __init__(self, repo: Repository, chunk_size: int):
+        self.repo, self.bs = repo, chunk_size
+        self.pieces: list[tuple[int, np.ndarray]] = []
         self.stats = {"chunks_read": 0, "new_chunks": 0, "new_bytes": 0, "packs": 0}
         self._seen: set[bytes] = set()         # IDs this backup stores (queued or written)
         self._lock = threading.Lock()
         self._work = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
         self._upload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
-        self._window: collections.deque[tuple[int, Future]] = collections.deque()
-        self._uploads: collections.deque[Future] = collections.deque()
+        self._window: collections.deque[tuple[int, int, Future]] = collections.deque()
+        self._uploads: collections.deque[tuple[Future, tuple[int, int]]] = collections.deque()
+        self.done_pos = 0       # stream offset where the records finished so far end
+        self.on_durable: Callable[[int, int], None] | None = None   # (pieces, position) stored
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_bytes = 0
 
     def add(self, first: int, data: bytes) -> None:
         """The record whose first chunk is chunk `first` (data may end mid-chunk)."""
-        self._window.append((first, self._work.submit(self._record, data)))
+        self._window.append((first, len(data), self._work.submit(self._record, data)))
         while len(self._window) > WINDOW:
             self._finish_oldest()
 
@@ -57,9 +63,10 @@ class Chunker:
         return [(cid, self.repo.chunk_blob(cid, p) if new else None) for cid, p, new in zip(cids, pieces, fresh)]
 
     def _finish_oldest(self) -> None:
-        first, fut = self._window.popleft()
+        first, nbytes, fut = self._window.popleft()
         done = fut.result()
-        self.ids[first:first + len(done)] = np.frombuffer(b"".join(c for c, _ in done), np.uint8).reshape(-1, ID_BYTES)
+        self.done_pos = first * self.bs + nbytes
+        self.pieces.append((first, np.frombuffer(b"".join(c for c, _ in done), np.uint8).reshape(-1, ID_BYTES)))
         self.stats["chunks_read"] += len(done)
         for cid, blob in done:
             if blob is not None:
@@ -71,11 +78,20 @@ class Chunker:
             self._send_pack()
 
     def _send_pack(self) -> None:
-        self._uploads.append(self._upload.submit(self.repo.write_pack, self._pending))
+        # once this pack is written, every record finished so far is stored
+        mark = (len(self.pieces), self.done_pos)
+        self._uploads.append((self._upload.submit(self.repo.write_pack, self._pending), mark))
         self.stats["packs"] += 1
         self._pending, self._pending_bytes = [], 0
         while len(self._uploads) > UPLOADS:
-            self._uploads.popleft().result()
+            self._uploaded()
+
+    def _uploaded(self) -> None:
+        """Wait for the oldest pack in flight; then tell what is durable (uploads go in order)."""
+        fut, mark = self._uploads.popleft()
+        fut.result()
+        if self.on_durable is not None:
+            self.on_durable(*mark)
 
     def finish(self) -> None:
         """Everything added is stored (or raised)."""
@@ -84,15 +100,15 @@ class Chunker:
         if self._pending:
             self._send_pack()
         while self._uploads:
-            self._uploads.popleft().result()
+            self._uploaded()
 
     def close(self) -> None:
         """Stop the threads; after an error, work not started is dropped, and work
         running is waited for, so nothing is written once the caller moves on (and
         releases the repository's lock)."""
-        for _, f in self._window:
+        for _, _, f in self._window:
             f.cancel()
-        for f in self._uploads:
+        for f, _ in self._uploads:
             f.cancel()
         self._work.shutdown(wait=True, cancel_futures=True)
         self._upload.shutdown(wait=True, cancel_futures=True)

@@ -5,7 +5,8 @@ send stream into a pipe; this side cuts it into chunks of the volume's block
 size, stores the chunks the repository lacks, and writes the manifest last. An
 incremental or differential backup asks for the stream `--from` the snapshot of
 its base backup, so only the blocks the snapshot maps say changed are read; the
-manifest starts as a copy of the base's chunk list with those blocks replaced.
+manifest is the base's runs with those ranges replaced (manifest.overlay), at a
+cost of the runs and the changes, not of the volume's size.
 """
 from __future__ import annotations
 
@@ -16,18 +17,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import BlocksnapError, CorruptionError, InvalidArgument
+from ..errors import CorruptionError, InvalidArgument, NotFound
 from ..streams.format import DATA, StreamError, StreamReader, StreamTruncated
 from ..units import split_snapshot_ref
+from . import resume
 from .chunk_index import missing_chunks
 from .chunker import Chunker
-from .crypto import ID_BYTES
-from .manifest import Manifest, chunk_count, new_backup_id
+from .manifest import Manifest, Piece, chunk_count, new_backup_id, overlay
 from .repo import Repository
 
 MODES = ("full", "incremental", "differential")
-# (write end of a pipe, base snapshot or None) -> the send's report; runs in a thread
-Producer = Callable[[int, str | None], dict]
+# (write end of a pipe, base snapshot or None, first byte) -> the send's report; runs in a thread
+Producer = Callable[[int, str | None, int], dict]
 Created = Callable[[str], float | None]      # a snapshot's creation time, None if gone
 Progress = Callable[[int, int], None] | None
 
@@ -62,32 +63,43 @@ def choose_base(repo: Repository, origin: dict[str, str], vname: str, sname: str
 def make_backup(repo: Repository, origin: dict[str, str], ref: str, mode: str, produce: Producer,
                 created: Created, progress: Progress = None) -> dict[str, Any]:
     vname, sname = split_snapshot_ref(ref)
-    if created(ref) is None:
-        raise BlocksnapError(f"no snapshot {ref}")
+    when = created(ref)
+    if when is None:
+        raise NotFound(f"no snapshot {ref}")
     # under the lock from the first look: a prune must not delete, between our
     # reading of the indexes and our manifest, chunks we count as stored
     with repo.lock("backup"):
         base, note = choose_base(repo, origin, vname, sname, mode, created)
         repo.load_index()
-        info, ids, stats = _run(repo, produce, base, vname, sname, progress)
+        source = {"volume": vname, "snapshot": sname, "created": when}
+        key = resume.checkpoint_key(origin, source, base.id if base else None, mode)
+        info, (starts, counts, ids), stats = _run(repo, produce, base, vname, sname, key, progress)
         lost = missing_chunks(repo.index, ids)
         if lost:   # never write a manifest that names a chunk the repository lacks
+            resume.drop(repo, key)   # (a checkpoint whose chunks were pruned: start afresh next time)
             raise CorruptionError(f"{repo.url}: {lost} chunks of {ref} are not stored; no backup made "
                                   f"(was the repository pruned or unlocked under a running backup?)")
         m = Manifest(dict(info, id=new_backup_id(), time=time.time(), mode="full" if base is None else mode,
-                          requested_mode=mode, base=base.id if base else None, stats=stats, **origin), ids)
+                          requested_mode=mode, base=base.id if base else None, stats=stats, **origin),
+                     starts, counts, ids)
         repo.write_manifest(m)
+        resume.drop(repo, key)
     return dict(m.info, note=note)
 
 
-def _run(repo: Repository, produce: Producer, base: Manifest | None, vname: str, sname: str,
-         progress: Progress) -> tuple[dict, np.ndarray, dict]:
+Runs = tuple[np.ndarray, np.ndarray, np.ndarray]   # a manifest's starts, counts, ids
+
+
+def _run(repo: Repository, produce: Producer, base: Manifest | None, vname: str, sname: str, key: str,
+         progress: Progress) -> tuple[dict, Runs, dict]:
+    cp = resume.load(repo, key)
+    start = cp.position if cp else 0
     r, w = os.pipe()
     failure: list[BaseException] = []
 
     def sender() -> None:
         try:
-            produce(w, f"{vname}@{base.info['source']['snapshot']}" if base else None)
+            produce(w, f"{vname}@{base.info['source']['snapshot']}" if base else None, start)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer's side
             failure.append(e)
         finally:
@@ -98,7 +110,7 @@ def _run(repo: Repository, produce: Producer, base: Manifest | None, vname: str,
     src = os.fdopen(r, "rb", buffering=1 << 20)
     try:
         try:
-            return _consume(repo, StreamReader(src), base, vname, sname, progress)
+            return _consume(repo, StreamReader(src), base, vname, sname, cp or resume.Checkpoint(key), progress)
         finally:
             src.close()            # a sender still writing gets EPIPE instead of waiting
             t.join()
@@ -109,35 +121,56 @@ def _run(repo: Repository, produce: Producer, base: Manifest | None, vname: str,
 
 
 def _consume(repo: Repository, reader: StreamReader, base: Manifest | None, vname: str, sname: str,
-             progress: Progress) -> tuple[dict, np.ndarray, dict]:
+             cp: resume.Checkpoint, progress: Progress) -> tuple[dict, Runs, dict]:
+    """Records to chunks; `cp` holds what an earlier run stored (the stream starts
+    at its position) and takes what this one stores, a checkpoint every few seconds."""
     hdr = reader.header
     if (hdr["source"]["volume"], hdr["source"]["snapshot"]) != (vname, sname):
         raise StreamError(f"the stream is of {hdr['source']['volume']}@{hdr['source']['snapshot']}")
     if base is not None and hdr.get("base") != base.info["source"]:
         raise StreamError(f"the stream's base is not the snapshot of backup {base.id}")
     bs, size = int(hdr["block_size"]), int(hdr["size"])
+    if int(hdr.get("start") or 0) != cp.position or (cp.position and (cp.chunk_size, cp.size) != (bs, size)):
+        resume.drop(repo, cp.key)
+        raise StreamError("the stream does not continue the checkpoint of an earlier run of this backup; "
+                          "the checkpoint was removed: run the backup again")
+    cp.chunk_size, cp.size = bs, size
     n = chunk_count(size, bs)
-    ids = np.zeros((n, ID_BYTES), np.uint8)
-    if base is not None:
-        keep = min(n, len(base.ids))
-        ids[:keep] = base.ids[:keep]
+    resumed, earlier = cp.position, list(cp.pieces)
+    zeros: list[Piece] = []
     read = 0
     total = int(hdr.get("scan_bytes") or size)
-    chunker = Chunker(repo, ids, bs)
+    chunker = Chunker(repo, bs)
+    pacer = resume.Pacer()
+
+    def durable(npieces: int, position: int) -> None:
+        """Every record below `position` is stored: note it, now and then."""
+        if not pacer.due():
+            return
+        cp.position = position
+        cp.pieces = earlier + [z for z in zeros if z[0] * bs < position] + \
+            [(first, len(ids), ids) for first, ids in chunker.pieces[:npieces]]
+        pacer.done(resume.save(repo, cp))
+
+    chunker.on_durable = durable
     try:
         for rec in reader.records():
+            if rec.offset % bs or rec.offset < resumed or rec.offset + rec.length > size:
+                raise StreamError(f"damaged stream: a record at {rec.offset}+{rec.length} does not fit "
+                                  f"chunks of {bs} in {size} bytes")
             first = rec.offset // bs
             if rec.kind != DATA:
-                ids[first:first + chunk_count(rec.length, bs)] = 0
+                zeros.append((first, chunk_count(rec.length, bs), None))
                 continue
             chunker.add(first, rec.data)
             read += rec.length
             if progress:
-                progress(min(read, total), total)
+                progress(min(resumed + read, total), total)
         chunker.finish()
     finally:
         chunker.close()
-    st = dict(chunker.stats, read_bytes=read)
+    st = dict(chunker.stats, read_bytes=read, resumed_from=resumed)
     info = {"source": hdr["source"], "size": size, "chunk_size": bs, "chunks": n,
             "labels": hdr.get("labels") or {}, "consistency": hdr.get("consistency")}
-    return info, ids, st
+    changes = earlier + zeros + [(first, len(ids), ids) for first, ids in chunker.pieces]
+    return info, overlay(base, n, changes), st

@@ -18,11 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..engine.blockio import mask_runs
 from ..errors import AlreadyExists, CorruptionError, InvalidArgument
 from ..store.filestore import device_size
 from .chunk_index import keys_of
-from .crypto import ZERO_ID
 from .manifest import Manifest
 from .repo import Repository
 
@@ -64,7 +62,7 @@ def _restore(repo: Repository, ident: str, target: str, verify: bool, progress: 
     m = repo.manifest(ident)
     repo.load_index()
     bs, size = m.info["chunk_size"], m.info["size"]
-    stored = np.flatnonzero(m.ids.any(axis=1))
+    stored = m.chunk_numbers()
     plan = Plan(repo, m, stored)
     fd, is_dev = _open_target(target, size)
     done = fetched = 0
@@ -120,7 +118,7 @@ class Plan:
     pack at a time, as the pack is restored."""
 
     def __init__(self, repo: Repository, m: Manifest, stored: np.ndarray):
-        named = m.ids[stored]
+        named = m.ids                                  # row i fills chunk stored[i]
         uniq, first, inverse = np.unique(keys_of(named), return_index=True, return_inverse=True)
         pack_no, self.offs, self.lens = repo.index.lookup(named[first])
         if (pack_no < 0).any():
@@ -158,7 +156,7 @@ def fetch_spans(entries: list, gap: int = FETCH_GAP) -> list[tuple[int, int, lis
 
 def _zero_holes(fd: int, m: Manifest, bs: int, size: int) -> None:
     zero = bytes(1 << 20)
-    for s, c in mask_runs(~m.ids.any(axis=1)):
+    for s, c in m.holes():
         at, end = s * bs, min((s + c) * bs, size)
         while at < end:
             n = min(len(zero), end - at)
@@ -174,13 +172,40 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _verify(repo: Repository, m: Manifest, target: str) -> int:
-    """Read the target back and check every chunk against the manifest; chunks checked."""
+    """Read the target back and check it against the manifest: every stored chunk
+    against its ID, and the rest reads as zeros (on a sparse file only its data
+    extents are read: a hole is zeros). Returns the chunks checked."""
     bs, size = m.info["chunk_size"], m.info["size"]
     with open(target, "rb", buffering=0) as f:
-        for i in range(len(m.ids)):
-            data = os.pread(f.fileno(), min(bs, size - i * bs), i * bs)
-            want = m.ids[i].tobytes()
-            ok = data.count(0) == len(data) if want == ZERO_ID else repo.keys.chunk_id(data) == want
-            if not ok:
+        fd = f.fileno()
+        for i, want in zip(m.chunk_numbers().tolist(), m.ids):
+            data = os.pread(fd, min(bs, size - i * bs), i * bs)
+            if repo.keys.chunk_id(data) != want.tobytes():
                 raise CorruptionError(f"{target}: block {i} does not match backup {m.id} after the restore")
-    return len(m.ids)
+        sparse = stat.S_ISREG(os.fstat(fd).st_mode)
+        for s, c in m.holes():
+            for at, n in (_data_in(fd, s * bs, min((s + c) * bs, size)) if sparse
+                          else [(s * bs, min((s + c) * bs, size) - s * bs)]):
+                for off in range(at, at + n, 1 << 20):
+                    piece = os.pread(fd, min(1 << 20, at + n - off), off)
+                    if piece.count(0) != len(piece):
+                        raise CorruptionError(f"{target}: block {off // bs} should read as zeros after "
+                                              f"the restore of backup {m.id}")
+    return int(m.info["chunks"])
+
+
+def _data_in(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) of the parts of [start, end) of a file that are not holes."""
+    out = []
+    at = start
+    while at < end:
+        try:
+            a = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:          # ENXIO: no data past `at`
+            break
+        if a >= end:
+            break
+        b = min(os.lseek(fd, a, os.SEEK_HOLE), end)
+        out.append((a, b - a))
+        at = b
+    return out

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ..errors import BlocksnapError, InvalidArgument, NotFound
+from ..errors import CorruptionError, InvalidArgument, NotFound
 from ..service.runner import call
 from ..settings import PASSWORD_FILE_ENV, REPO_ENV, REPO_PASSWORD_ENV, S3_ENDPOINT_ENV
 from ..units import format_size
@@ -87,14 +87,17 @@ def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, pa
     with progress_bar(settings, f"backup {ref}") as prog:
         origin = {"host": socket.gethostname(), "pool": os.path.abspath(settings.pool)}
         res = make_backup(repo, origin, ref, mode,
-                          lambda fd, base: call(settings.pool, "send", ref=ref, fd=fd, base=base),
+                          lambda fd, base, start: call(settings.pool, "send", ref=ref, fd=fd, base=base,
+                                                       start=start),
                           snapshot_created, prog)
     if res.get("note") and not settings.quiet:
         click.echo(f"note: {res['note']}", err=True)
     st = res["stats"]
     emit(res, as_json, None if settings.quiet else
          f"backup {res['id']} of {ref} ({res['mode']}{', on ' + res['base'] if res['base'] else ''}): "
-         f"read {format_size(st['read_bytes'])}, stored {st['new_chunks']} new chunks "
+         + (f"resumed at {format_size(st['resumed_from'])} where a run was cut short, " if st.get("resumed_from")
+            else "")
+         + f"read {format_size(st['read_bytes'])}, stored {st['new_chunks']} new chunks "
          f"({format_size(st['new_bytes'])}) in {st['packs']} packs")
 
 
@@ -152,7 +155,7 @@ def verify(settings: Settings, repo_url: str, endpoint: str | None, password_fil
     if res["problems"]:
         for p in res["problems"] if not as_json else []:   # with --json they are in the JSON
             click.echo(f"problem: {p}")
-        raise BlocksnapError(f"{len(res['problems'])} problems in {repo_url}")
+        raise CorruptionError(f"{len(res['problems'])} problems in {repo_url}")
 
 
 @click.command("prune")
