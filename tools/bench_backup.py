@@ -13,7 +13,7 @@ round makes a fresh local repository for each tool, on the same disk:
 Page caches are dropped before every timed step (root). Exports for restic are not
 timed: restic gets the raw image for free. Both encrypt and compress (restic's
 repository format 2, compression auto). Ratios are restic time / blocksnap time:
-above 1 favours blocksnap. Usage: tools/bench_backup.py [--size 512M] [--repeat 3] [--json]
+above 1 favours blocksnap. Usage: tools/bench_backup.py [--size 512M] [--repeat 3] [--changed 0.1] [--json]
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def main() -> None:
     if runs is None:
         return
     mem_note = med.pop("memory")
-    print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes; then 1/10 of blocks rewritten), "
+    print(f"{format_size(size)} volume (1/2 random, 1/4 text, 1/4 holes; then {args.changed:.0%} of blocks "
+          "rewritten), "
           f"median of {args.repeat}; {mem_note}\n")
     print("| step | blocksnap | restic 0.14 | restic time / blocksnap time |")
     print("|---|---|---|---|")

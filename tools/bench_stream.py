@@ -50,8 +50,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def make_source(work: str, size: int) -> str:
-    """The pool with v@s1 (the mix) and v@s2 (a tenth of the blocks rewritten)."""
+def make_source(work: str, size: int, changed: float = 0.1) -> str:
+    """The pool with v@s1 (the mix) and v@s2 (`changed` of the blocks rewritten, a tenth by default)."""
     rng = random.Random(1)
     text = b"".join(b"%08d the quick brown fox jumps over the lazy dog; " % i for i in range(2000))
     path = os.path.join(work, "src")
@@ -61,7 +61,7 @@ def make_source(work: str, size: int) -> str:
             v.write(off, rng.randbytes(2 * M))
             v.write(off + 2 * M, (text * (M // len(text) + 1))[:M])
         v.snapshot("s1")
-        for b in rng.sample(range(size // BS), size // BS // 10):
+        for b in rng.sample(range(size // BS), int(size // BS * changed)):
             v.write(b * BS, rng.randbytes(BS))
         v.snapshot("s2")
     return path
@@ -107,6 +107,7 @@ def parse_args(doc: str) -> argparse.Namespace:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--changed", type=float, default=0.1, help="share of the blocks v@s2 rewrites")
     return ap.parse_args()
 
 
@@ -118,7 +119,7 @@ def run_rounds(prefix: str, args, round_fn) -> tuple[int, list | None, dict]:
     work = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
     try:
         with steady_memory(max(8 << 30, 12 * size), quiet=args.json) as mem_note:
-            src = make_source(work, size)
+            src = make_source(work, size, getattr(args, "changed", 0.1))
             runs = [round_fn(work, src, r) for r in range(args.repeat)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
