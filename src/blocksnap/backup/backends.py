@@ -147,9 +147,11 @@ class S3Backend:
         extra = ({"request_checksum_calculation": "when_required"}
                  if "request_checksum_calculation" in Config.OPTION_DEFAULTS else {})
         try:
-            self.s3 = boto3.client("s3", endpoint_url=endpoint,
-                                   config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                                                 connect_timeout=10, read_timeout=60, **extra))
+            # a session of its own: boto3's default one keeps the credentials it found
+            # first, so a long-running process (tests, the agent) would use stale ones
+            self.s3 = boto3.session.Session().client("s3", endpoint_url=endpoint,
+                                                     config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                                   connect_timeout=10, read_timeout=60, **extra))
         except ValueError as e:     # a malformed --endpoint
             raise InvalidArgument(f"invalid S3 endpoint {endpoint!r}: {e}") from None
 
