@@ -4,7 +4,8 @@ A dict of 16-byte IDs to (pack, offset, length) tuples costs about 215 bytes a
 chunk in Python objects (measured), 3.6 GB for a TiB of 64 KiB blocks. Here an entry is 32
 bytes (the ID, a pack number, an offset, a length), lookups are binary searches
 (`np.searchsorted`, one call for a whole manifest), and a chunk stored in several
-packs resolves to the first pack in name order, as `load_index` reads them.
+packs resolves to the lowest pack number: the first pack in name order, as
+`load_index` numbers them (whichever index objects name them).
 
 Chunks added after the build (the packs this process writes) go into a small
 dict beside the arrays, merged into them whenever it grows past a quarter of
@@ -61,6 +62,18 @@ class ChunkIndex:
                 np.concatenate([np.full(len(o), i, np.uint32) for i, (_, _, o, _) in enumerate(parts)]),
                 np.concatenate([o for _, _, o, _ in parts]).astype(np.uint64),
                 np.concatenate([n for _, _, _, n in parts]).astype(np.uint32))
+        return ix
+
+    @classmethod
+    def from_arrays(cls, packs: list[str], ids: np.ndarray, pack_no: np.ndarray, offs: np.ndarray,
+                    lens: np.ndarray) -> "ChunkIndex":
+        """From every entry at once, in any order: (n, ID_BYTES) ids, each one's
+        number in `packs`, offset and length (index objects naming many packs)."""
+        ix = cls()
+        ix.packs = list(packs)
+        if len(ids):
+            ix._arrays = _sorted_unique(keys_of(ids), pack_no.astype(np.uint32, copy=False),
+                                        offs.astype(np.uint64, copy=False), lens.astype(np.uint32, copy=False))
         return ix
 
     def nbytes(self) -> int:
@@ -121,11 +134,17 @@ class ChunkIndex:
 
 
 def _sorted_unique(keys, pack_no, offs, lens) -> tuple[np.ndarray, ...]:
-    """Sorted by key, the first of equal keys kept (the sort is stable)."""
+    """Sorted by key; of equal keys, the one of the lowest pack number is kept
+    (then the first given: the sorts are stable)."""
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     first = np.ones(len(keys), bool)
     first[1:] = keys[1:] != keys[:-1]
+    if not first.all():     # chunks in several packs: only their runs of equal keys are reordered
+        dup = ~first
+        dup[:-1] |= ~first[1:]
+        at = np.flatnonzero(dup)
+        order[at] = order[at[np.lexsort((pack_no[order[at]], np.cumsum(first[at])))]]
     take = order[first]
     return keys[first], pack_no[take], offs[take], lens[take]
 

@@ -1,11 +1,14 @@
 """`verify` and `prune`: is every backup restorable, and which backups and packs go.
 
 Prune deletes in the order that keeps every remaining backup whole at every
-instant: manifests first, then for each pack no remaining manifest needs its
-index, then the pack (a pack without an index is garbage the next prune removes;
-an index without its pack would make a later backup skip chunks it thinks are
-stored). Packs that are mostly garbage are rewritten: their live chunks go to a
-new pack and index before the old index and pack are deleted.
+instant: manifests first; then, for the packs no remaining manifest needs, every
+index object naming them, and only then the packs (a pack without an index is
+garbage the next prune removes; an index without its pack would make a later
+backup skip chunks it thinks are stored). Packs that are mostly garbage are
+rewritten: their live chunks go to a new pack first. The index objects that
+named the packs going are replaced by merged ones (backup/index_files.py),
+written before they are deleted, which also take in the new packs and fold the
+small index objects together.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from ..errors import BlocksnapError, NotFound
 from ..retention import Policy, decide
+from . import index_files, resume
 from .chunk_index import KEY, ChunkIndex, keys_of, member, missing_chunks
 from .repo import Repository
 
@@ -31,15 +35,9 @@ def verify(repo: Repository, read_data: bool = False, progress: Progress = None)
 def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, Any]:
     problems: list[str] = []
     packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
-    indexes = [k.split("/", 1)[1] for k in repo.backend.list("index")]
     contents: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     good = []   # packs whose chunks count as stored: present and long enough
-    for pack in sorted(indexes):
-        try:
-            ids, offs, lens = repo.read_index(pack)
-        except BlocksnapError as e:
-            problems.append(str(e))
-            continue
+    for pack, ids, offs, lens in _index_parts(index_files.read_all(repo, problems), problems):
         contents[pack] = (ids, offs, lens)
         end = int((offs.astype(np.int64) + lens).max()) if len(lens) else 0
         if pack not in packs:
@@ -87,6 +85,21 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
             "unindexed_packs": sorted(set(packs) - set(contents)), "problems": problems}
 
 
+def _index_parts(objects: list[index_files.IndexObject], problems: list[str]):
+    """Each pack's index once (a pack may be named by a merged and a loose index
+    for a while); two that disagree are a problem."""
+    seen: dict[str, tuple[str, tuple]] = {}
+    for o in objects:
+        for pack, ids, offs, lens in o.parts():
+            if pack in seen:
+                first, (ids0, offs0, lens0) = seen[pack]
+                if not (np.array_equal(ids, ids0) and np.array_equal(offs, offs0) and np.array_equal(lens, lens0)):
+                    problems.append(f"pack {pack}: the indexes {first} and {o.name} disagree")
+                continue
+            seen[pack] = (o.name, (ids, offs, lens))
+            yield pack, ids, offs, lens
+
+
 def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
     with repo.lock("prune", exclusive=not dry_run):
         manifests = repo.manifests()
@@ -105,7 +118,11 @@ def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | 
             return report
         for bid in remove:
             repo.delete_manifest(bid)
-        named = [keys_of(m.ids[m.ids.any(axis=1)]) for m in manifests if m.id not in remove]
+        named = [keys_of(m.ids) for m in manifests if m.id not in remove]
+        kept, stale = resume.live_ids(repo, now)    # what cut-short backups stored, to go on with
+        named += [keys_of(ids) for ids in kept]
+        for key in stale:
+            resume.drop(repo, key)
         live = np.unique(np.concatenate(named)) if named else np.empty(0, KEY)
         report.update(_collect(repo, live))
         repo.backend.sweep()
@@ -113,14 +130,18 @@ def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | 
 
 
 def _collect(repo: Repository, live: np.ndarray) -> dict[str, int]:
-    """Delete or rewrite the packs whose chunks are not all in `live` (sorted keys)."""
+    """Delete or rewrite the packs whose chunks are not all in `live` (sorted keys).
+    In this order: the new packs of the rewritten ones; merged indexes naming the
+    packs that stay, in place of every index object that names a pack going (and
+    of the small ones, when there are several); the replaced objects; the packs."""
     packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
+    objects = index_files.read_all(repo)
+    contents = index_files.pack_contents(objects)
     deleted = rewritten = freed = 0
-    indexed = set()
-    for key in sorted(repo.backend.list("index")):
-        pack = key.split("/", 1)[1]
-        indexed.add(pack)
-        ids, offs, lens = repo.read_index(pack)
+    drop: set[str] = set()
+    new: list[index_files.Part] = []
+    for pack in sorted(contents):
+        ids, offs, lens = contents[pack]
         alive = member(keys_of(ids), live)
         kept_bytes = int(lens[alive].sum())
         size = packs.get(pack, 0)
@@ -128,16 +149,23 @@ def _collect(repo: Repository, live: np.ndarray) -> dict[str, int]:
             continue
         if alive.any():
             blob = memoryview(repo.backend.get(f"data/{pack}"))
-            repo.write_pack([(bytes(c), bytes(blob[o:o + n]))
-                             for c, o, n in zip(ids[alive], offs[alive].tolist(), lens[alive].tolist())])
+            new.append(repo.put_pack([(bytes(c), bytes(blob[o:o + n]))
+                                      for c, o, n in zip(ids[alive], offs[alive].tolist(), lens[alive].tolist())]))
             rewritten += 1
             freed += size - kept_bytes
         else:
             deleted += 1
             freed += size
-        repo.backend.delete(f"index/{pack}")
+        drop.add(pack)
+    replace = {o.name for o in objects if not drop.isdisjoint(o.packs)}
+    fold = {o.name for o in objects if index_files.small(o)}
+    if len(fold | replace) > 1 or new:    # one small object alone would only be copied
+        replace |= fold
+    if replace or new:
+        index_files.merge(repo, objects, replace, drop, new)
+    for pack in sorted(drop):           # no index names them any more
         repo.backend.delete(f"data/{pack}")
-    for pack in set(packs) - indexed:   # left by a backup that was cut short
+    for pack in set(packs) - set(contents):   # left by a backup that was cut short
         repo.backend.delete(f"data/{pack}")
         deleted += 1
         freed += packs[pack]

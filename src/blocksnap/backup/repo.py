@@ -3,11 +3,13 @@
     config              plain JSON: format, version, id, scrypt parameters, wrapped key
     data/<pack>         sealed chunks back to back (each: nonce, AES-GCM of flag+payload)
     index/<pack>        sealed: which chunk IDs the pack holds, at which offsets
+    index/-merged-<id>  sealed: the same for many packs (backup/index_files.py)
     backups/<id>        sealed manifests, one per backup
     locks/<id>          plain JSON: who is writing (backup) or deleting (prune)
 
 Objects are written in that order of dependence: a pack, then its index, then the
-manifest that uses it. A backup cut short leaves packs no manifest names, which
+manifest that uses it (a merged index is written before the ones it replaces are
+deleted). A backup cut short leaves packs no manifest names, which
 `prune` deletes; it never leaves a manifest naming a chunk that is not stored.
 """
 from __future__ import annotations
@@ -16,25 +18,22 @@ import contextlib
 import json
 import os
 import socket
-import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
 import zstandard
 
-from ..errors import Busy, CorruptionError, InvalidArgument, NotFound
+from ..errors import BlocksnapError, Busy, CorruptionError, InvalidArgument, NotFound
+from . import index_files
 from .backends import Backend, open_backend
 from .chunk_index import ChunkIndex
 from .crypto import ID_BYTES, Keys, parse_config
 from .manifest import Manifest
 
 PACK_TARGET = 16 << 20      # bytes of sealed chunks per pack object
-INDEX_READERS = 8           # index objects fetched at once when a command starts
 RAW, ZSTD = 0, 1            # first byte of a chunk's plaintext
-_N = struct.Struct("<I")
 
 
 class Repository:
@@ -43,6 +42,7 @@ class Repository:
         self.url = backend.url
         self.index = ChunkIndex()     # chunk ID -> (pack, offset, length), after load_index
         self._local = threading.local()    # zstd contexts are not thread-safe: one per thread
+        self._held: str | None = None       # the operation of the lock this process holds
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -86,33 +86,36 @@ class Repository:
         return data
 
     def load_index(self) -> int:
-        """Read every pack's index: which chunks the repository holds, and where.
-        One request per pack, INDEX_READERS at a time (on S3 each is a round trip)."""
-        packs = [key.split("/", 1)[1] for key in sorted(self.backend.list("index"))]
-        with ThreadPoolExecutor(max_workers=INDEX_READERS, thread_name_prefix="index") as pool:
-            parts = [(pack, *got) for pack, got in zip(packs, pool.map(self.read_index, packs))]
-        self.index = ChunkIndex.build(parts)
+        """Read every index object: which chunks the repository holds, and where.
+        index_files.READERS objects at a time (on S3 each is a round trip); merged
+        indexes make that a few objects for many packs. Under a backup's lock,
+        more than index_files.LOOSE_MAX loose (one-pack) indexes are merged first."""
+        objects = index_files.read_all(self)
+        if self._held == "backup":
+            merge = index_files.to_merge(objects)
+            if merge:     # the same packs after as before: the index is built from what was read
+                index_files.merge(self, objects, merge)
+        self.index = index_files.chunk_index(objects)
         return len(self.index)
 
     def read_index(self, pack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        what = f"{self.url}: index of pack {pack}"
-        raw = self.keys.open(self.backend.get(f"index/{pack}"), f"index/{pack}".encode(), what)
-        try:
-            (n,) = _N.unpack_from(raw)
-            ids = np.frombuffer(raw, np.uint8, n * ID_BYTES, 4).reshape(n, ID_BYTES)
-            offs = np.frombuffer(raw, np.uint64, n, 4 + n * ID_BYTES)
-            lens = np.frombuffer(raw, np.uint32, n, 4 + n * (ID_BYTES + 8))
-        except (struct.error, ValueError):
-            raise CorruptionError(f"{what} is damaged") from None
-        return ids, offs, lens
+        """One pack's own (loose) index: ids, offsets, lengths."""
+        o = index_files.read_object(self, pack)
+        return o.ids, o.offs, o.lens
 
-    def write_pack(self, blobs: list[tuple[bytes, bytes]]) -> str:
-        """Store sealed chunks as one pack, then its index; returns the pack's name."""
+    def put_pack(self, blobs: list[tuple[bytes, bytes]]) -> index_files.Part:
+        """Store sealed chunks as one pack, without an index: (name, ids, offsets, lengths)."""
         pack = os.urandom(16).hex()
         offs = np.cumsum([0] + [len(b) for _, b in blobs[:-1]], dtype=np.uint64)
         lens = np.array([len(b) for _, b in blobs], np.uint32)
         self.backend.put(f"data/{pack}", b"".join(b for _, b in blobs))
-        index = _N.pack(len(blobs)) + b"".join(c for c, _ in blobs) + offs.tobytes() + lens.tobytes()
+        ids = np.frombuffer(b"".join(c for c, _ in blobs), np.uint8).reshape(-1, ID_BYTES)
+        return pack, ids, offs, lens
+
+    def write_pack(self, blobs: list[tuple[bytes, bytes]]) -> str:
+        """Store sealed chunks as one pack, then its index; returns the pack's name."""
+        pack, ids, offs, lens = self.put_pack(blobs)
+        index = index_files.encode_loose(ids.tobytes(), offs, lens)
         self.backend.put(f"index/{pack}", self.keys.seal(index, f"index/{pack}".encode()))
         self.index.add(pack, [c for c, _ in blobs], offs.tolist(), lens.tolist())
         return pack
@@ -174,9 +177,17 @@ class Repository:
                 raise Busy(f"{self.url} is locked by {lk.get('op')} (pid {lk.get('pid')} on {lk.get('host')}, "
                            f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(lk.get('time', 0)))}); "
                            f"{hint}")
+            self._held = op
             yield
-        finally:
-            self.backend.delete(mine)
+        except BaseException:
+            self._held = None
+            # the real failure is what the user must see: a lock we cannot delete
+            # now (the endpoint is gone) is a stale lock for `unlock`, said in one line
+            with contextlib.suppress(BlocksnapError, OSError):
+                self.backend.delete(mine)
+            raise
+        self._held = None
+        self.backend.delete(mine)
 
     def unlock(self, everything: bool = False) -> tuple[int, int]:
         """Remove stale locks (this host, process gone), or all with `everything`:
