@@ -25,6 +25,17 @@ def src(tmp_path: Path) -> Path:
     return history_pool(tmp_path / "pool", SIZE)
 
 
+def three_generations(vol) -> None:
+    """Snapshots a, b, c of an 8 MiB volume, each overwriting the last: of a's pack
+    a quarter stays live in c, of b's nothing (prune deletes one pack, rewrites one)."""
+    vol.write(0, os.urandom(4 * M))
+    vol.snapshot("a")
+    vol.write(0, os.urandom(3 * M))
+    vol.snapshot("b")
+    vol.write(0, os.urandom(3 * M))
+    vol.snapshot("c")
+
+
 class Repo:
     """Runs the CLI against one pool and one repository."""
 

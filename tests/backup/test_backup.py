@@ -13,7 +13,7 @@ import pytest
 from blocksnap.errors import AlreadyExists, Busy, CorruptionError, NotFound
 from tests.conftest import assert_cli_error, run_cli
 
-from .conftest import M, Repo, export
+from .conftest import M, Repo, export, three_generations
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -112,13 +112,7 @@ def test_damage_is_found_and_never_restored(local_repo: Repo, tmp_path: Path):
 def test_prune_keeps_what_the_policy_says_and_frees_the_rest(local_repo: Repo, src: Path, tmp_path: Path):
     import blocksnap
     with blocksnap.Pool.open(str(src)) as pool:
-        w = pool.create_volume("w", size=8 * M)
-        w.write(0, os.urandom(4 * M))
-        w.snapshot("a")
-        w.write(0, os.urandom(3 * M))
-        w.snapshot("b")
-        w.write(0, os.urandom(3 * M))         # a's pack: a quarter still live; b's: nothing
-        w.snapshot("c")
+        three_generations(pool.create_volume("w", size=8 * M))
     r = local_repo
     ids = [r.backup(f"w@{s}")["id"] for s in ("a", "b", "c")]
     v1 = r.backup("v@s1")["id"]               # another volume: its own policy

@@ -22,7 +22,7 @@ from blocksnap.backup.repo import Repository
 from blocksnap.errors import CorruptionError
 from blocksnap.retention import Policy
 
-from .conftest import S3_ENV, Repo, export
+from .conftest import S3_ENV, Repo, export, three_generations
 
 PASSWORD = b"correct horse"     # the conftest Repo's
 
@@ -119,13 +119,7 @@ def test_prune_after_merging_keeps_every_backup_whole(local_repo: Repo, src: Pat
     import blocksnap
     M = 1 << 20
     with blocksnap.Pool.open(str(src)) as pool:
-        w = pool.create_volume("w", size=8 * M)
-        w.write(0, os.urandom(4 * M))
-        w.snapshot("a")
-        w.write(0, os.urandom(3 * M))
-        w.snapshot("b")
-        w.write(0, os.urandom(3 * M))         # a's pack: a quarter still live; b's: nothing
-        w.snapshot("c")
+        three_generations(pool.create_volume("w", size=8 * M))
     r = local_repo
     ids = [r.backup(f"w@{s}")["id"] for s in ("a", "b")]
     repo = open_repo(r.url)

@@ -25,7 +25,7 @@ import blocksnap
 from tests.conftest import FAST_TMP, history_pool
 
 from .ceph_cluster import PACKAGES, CephCluster, CephError, missing_binaries
-from .conftest import M, Repo, export
+from .conftest import M, Repo, export, three_generations
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -244,13 +244,7 @@ def test_prune(ceph: CephCluster, bucket: str, tmp_path: Path):
     rewritten, and what is kept verifies and restores."""
     pool = tmp_path / "p"
     with blocksnap.Pool.create(str(pool), size=64 * M) as p:
-        w = p.create_volume("w", size=8 * M)
-        w.write(0, os.urandom(4 * M))
-        w.snapshot("a")
-        w.write(0, os.urandom(3 * M))
-        w.snapshot("b")
-        w.write(0, os.urandom(3 * M))          # a's pack: a quarter still live; b's: nothing
-        w.snapshot("c")
+        three_generations(p.create_volume("w", size=8 * M))
     r = RgwRepo(pool, ceph, bucket)
     ids = [r.backup(f"w@{s}")["id"] for s in ("a", "b", "c")]
     before = sum(r.keys("data/").values())
