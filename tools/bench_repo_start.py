@@ -7,7 +7,8 @@ manifest naming the chunks of the first pack. Then, each in its own process so
 that its peak RSS is its own:
 
   load_index      Repository.open + load_index (what backup, restore and prune
-                  do at their start), timed inside the process
+                  do at their start), timed inside the process; then, apart,
+                  how long listing data/ takes (verify's check that packs exist)
   backups         `blocksnap backups --repo URL`, wall time of the command
   verify          `blocksnap verify --repo URL` (every index, every manifest)
   restore         `blocksnap restore ID FILE` of the one-pack backup
@@ -102,14 +103,18 @@ def hwm() -> int:
 def measure_load(url: str, endpoint: str | None, merge: bool) -> None:
     """In a child process: open + load_index (under a backup's lock with `merge`)."""
     from blocksnap.backup.repo import Repository
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     repo, _ = Repository.open(url, _password, endpoint)
     if merge:
         with repo.lock("backup"):
             n = repo.load_index()
     else:
         n = repo.load_index()
-    print(json.dumps({"seconds": time.perf_counter() - t, "chunks": n, "rss": hwm()}))
+    seconds = time.perf_counter() - t0
+    t = time.perf_counter()
+    packs = len(repo.backend.list("data"))     # what verify lists besides the indexes
+    print(json.dumps({"seconds": seconds, "chunks": n, "rss": hwm(), "packs": packs,
+                      "list_data": time.perf_counter() - t}))
 
 
 def child(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -134,7 +139,7 @@ def load(url: str, endpoint: str | None, env: dict, merge: bool) -> dict:
     me = [sys.executable, os.path.abspath(__file__), "--child-load", url]
     dt, out = child(me + (["--endpoint", endpoint] if endpoint else []) + (["--merge"] if merge else []), env)
     got = json.loads(out)
-    return {"load_index": got["seconds"], "load_index_rss": got["rss"], "wall": dt}
+    return {"load_index": got["seconds"], "load_index_rss": got["rss"], "wall": dt, "list_data": got["list_data"]}
 
 
 def state(url: str, env: dict, endpoint: str | None, bid: str, work: str) -> dict:

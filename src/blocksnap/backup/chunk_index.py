@@ -65,15 +65,18 @@ class ChunkIndex:
         return ix
 
     @classmethod
-    def from_arrays(cls, packs: list[str], ids: np.ndarray, pack_no: np.ndarray, offs: np.ndarray,
-                    lens: np.ndarray) -> "ChunkIndex":
-        """From every entry at once, in any order: (n, ID_BYTES) ids, each one's
-        number in `packs`, offset and length (index objects naming many packs)."""
+    def from_arrays(cls, packs: list[str], ids: list[np.ndarray], pack_no: np.ndarray, offs: list[np.ndarray],
+                    lens: list[np.ndarray]) -> "ChunkIndex":
+        """From every entry at once, in any order (index objects naming many packs):
+        pieces of (n, ID_BYTES) ids, offsets and lengths, and each entry's number
+        in `packs`. The pieces are joined in the call, so that the unsorted copy
+        is freed as soon as it is sorted, as in `build`."""
         ix = cls()
         ix.packs = list(packs)
-        if len(ids):
-            ix._arrays = _sorted_unique(keys_of(ids), pack_no.astype(np.uint32, copy=False),
-                                        offs.astype(np.uint64, copy=False), lens.astype(np.uint32, copy=False))
+        if len(pack_no):
+            ix._arrays = _sorted_unique(keys_of(np.concatenate(ids)), pack_no.astype(np.uint32, copy=False),
+                                        np.concatenate(offs).astype(np.uint64, copy=False),
+                                        np.concatenate(lens).astype(np.uint32, copy=False))
         return ix
 
     def nbytes(self) -> int:

@@ -217,12 +217,11 @@ def chunk_index(objects: list[IndexObject]) -> ChunkIndex:
     number = {p: i for i, p in enumerate(names)}
     live = [o for o in objects if len(o)]
     if not live:
-        return ChunkIndex.from_arrays(names, np.empty((0, ID_BYTES), np.uint8), np.empty(0, np.uint32),
-                                      np.empty(0, np.uint64), np.empty(0, np.uint32))
+        return ChunkIndex.from_arrays(names, [], np.empty(0, np.uint32), [], [])
     pack_no = np.repeat(np.fromiter((number[p] for o in live for p in o.packs), np.uint32),
                         np.concatenate([o.counts for o in live]))
-    return ChunkIndex.from_arrays(names, np.concatenate([o.ids for o in live]), pack_no,
-                                  np.concatenate([o.offs for o in live]), np.concatenate([o.lens for o in live]))
+    return ChunkIndex.from_arrays(names, [o.ids for o in live], pack_no, [o.offs for o in live],
+                                  [o.lens for o in live])
 
 
 def pack_contents(objects: list[IndexObject]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
