@@ -43,13 +43,14 @@ LOOP_DIRECT_IO_ENV = "BLOCKSNAP_LOOP_DIRECT_IO"
 WRITE_BEHIND_ENV = "BLOCKSNAP_WRITE_BEHIND"
 RUNTIME_DIR_ENV = "BLOCKSNAP_RUNTIME_DIR"
 PURE_PYTHON_ENV = "BLOCKSNAP_PURE_PYTHON"
+POLICY_ENV = "BLOCKSNAP_POLICY"
 # Not ours, read with the meaning their owners give them.
 XDG_RUNTIME_DIR_ENV = "XDG_RUNTIME_DIR"   # freedesktop: the user's runtime directory
 MYSQL_PWD_ENV = "MYSQL_PWD"               # the mysql client's password variable
 
 # Every variable above, in the order of docs/usage.md's table.
 VARIABLES = (POOL_ENV, REPO_ENV, S3_ENDPOINT_ENV, REPO_PASSWORD_ENV, PASSWORD_FILE_ENV, DAEMON_TIMEOUT_ENV,
-             LOOP_DIRECT_IO_ENV, WRITE_BEHIND_ENV, RUNTIME_DIR_ENV, PURE_PYTHON_ENV, XDG_RUNTIME_DIR_ENV,
+             LOOP_DIRECT_IO_ENV, WRITE_BEHIND_ENV, RUNTIME_DIR_ENV, PURE_PYTHON_ENV, POLICY_ENV, XDG_RUNTIME_DIR_ENV,
              MYSQL_PWD_ENV)
 
 _ON = ("1", "on", "yes", "true")

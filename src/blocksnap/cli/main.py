@@ -43,8 +43,18 @@ def _rethaw_stale_freezes(env: EnvSettings) -> None:
 
 
 def _register() -> None:
-    from . import backup_cmd, data_cmd, freeze_cmd, pool_cmd, serve_cmd, snapshot_cmd, stream_cmd, volume_cmd
-    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd, backup_cmd):
+    from . import (
+        backup_cmd,
+        data_cmd,
+        freeze_cmd,
+        ops_cmd,
+        pool_cmd,
+        serve_cmd,
+        snapshot_cmd,
+        stream_cmd,
+        volume_cmd,
+    )
+    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd, backup_cmd, ops_cmd):
         for command in getattr(mod, "COMMANDS", []):
             cli.add_command(command)
 

@@ -10,13 +10,15 @@ underscore name of the engine):
   lock that serialises engine calls, commit(), status() and check().
 - Volume: the protocol every volume kind satisfies (engine/api.py).
 - Snapshot: a read-only handle (read, data_extents, export, clone, delete).
+- JobLog / JobRow: the job history the agent keeps in the catalog (pool.jobs).
 - scrub, CONSISTENCY, and the two mask helpers streams and backups share.
 """
 from .api import Volume
 from .blockio import mask_runs, nonzero_blocks
 from .catalog import CONSISTENCY
 from .check import scrub
+from .job_log import JobLog, JobRow
 from .pool import Pool
 from .snapshot import Snapshot
 
-__all__ = ["CONSISTENCY", "Pool", "Snapshot", "Volume", "mask_runs", "nonzero_blocks", "scrub"]
+__all__ = ["CONSISTENCY", "JobLog", "JobRow", "Pool", "Snapshot", "Volume", "mask_runs", "nonzero_blocks", "scrub"]

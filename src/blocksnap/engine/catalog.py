@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS snapshots (
     hooks TEXT NOT NULL, PRIMARY KEY (volume, name));
 CREATE TABLE IF NOT EXISTS pages (
     id INTEGER PRIMARY KEY, kind INTEGER NOT NULL, units INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, volume TEXT NOT NULL, kind TEXT NOT NULL,
+    target TEXT NOT NULL, started REAL NOT NULL, ended REAL, result TEXT NOT NULL,
+    bytes_read INTEGER NOT NULL DEFAULT 0, bytes_stored INTEGER NOT NULL DEFAULT 0,
+    error TEXT, runner TEXT NOT NULL DEFAULT '', info TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS jobs_by_volume ON jobs (volume, kind, target, id);
 """
 
 

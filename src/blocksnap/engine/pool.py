@@ -23,6 +23,7 @@ from ..store import FileStore, device_size, start_writeback
 from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
 from .check import check_pool
+from .job_log import JobLog
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
 from .pages import PagePool
 from .partial import PartialBlocks
@@ -135,6 +136,7 @@ class Pool:
 
     def _load(self, cat_path: str) -> None:
         self.catalog = Catalog(cat_path)
+        self.jobs = JobLog(self.catalog, self.lock)   # the agent's job history
         meta = self.catalog.meta()
         if meta.get("format") != str(FORMAT_VERSION):
             raise NotAPool(f"{self.path}: unsupported pool format {meta.get('format')!r}")

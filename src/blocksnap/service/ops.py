@@ -145,6 +145,29 @@ def scrub(pool: Pool, target: str, progress: Progress = None) -> dict:
     return res
 
 
+def job_begin(pool: Pool, volume: str, kind: str, target: str, started: float, runner: str,
+              info: dict | None = None) -> int:
+    return pool.jobs.begin(volume, kind, target, started, runner, info)
+
+
+def job_end(pool: Pool, job_id: int, result: str, ended: float, bytes_read: int = 0, bytes_stored: int = 0,
+            error: str | None = None, info: dict | None = None) -> dict:
+    pool.jobs.end(job_id, result, ended, bytes_read, bytes_stored, error, info)
+    return {"id": job_id, "result": result}
+
+
+def job_list(pool: Pool, volume: str | None = None, limit: int | None = None, since: float | None = None) -> list:
+    return [r.to_json() for r in pool.jobs.rows(volume, limit, since)]
+
+
+def job_summary(pool: Pool) -> list[dict]:
+    return pool.jobs.summary()
+
+
+def jobs_interrupt(pool: Pool, ended: float, note: str) -> list[dict]:
+    return [r.to_json() for r in pool.jobs.interrupt_running(ended, note)]
+
+
 # The operations a client may ask for, by name: this table, not whatever the module
 # defines, is what the daemon offers over its socket (daemon_ops adds its own).
 OPS: dict[str, Callable[..., Any]] = {
@@ -155,5 +178,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "snapshot_list": snapshot_list, "snapshot_show": snapshot_show, "snapshot_delete": snapshot_delete,
     "snapshot_rollback": snapshot_rollback, "snapshot_clone": snapshot_clone, "snapshot_diff": snapshot_diff,
     "export": export, "send": send, "receive": receive, "check": check, "scrub": scrub,
+    "job_begin": job_begin, "job_end": job_end, "job_list": job_list, "job_summary": job_summary,
+    "jobs_interrupt": jobs_interrupt,
 }
 PROGRESS_OPS = {"volume_import", "snapshot_clone", "export", "scrub", "send", "receive"}

@@ -1,0 +1,238 @@
+"""Carrying out one due job: a snapshot, a backup, a copy, a verification, a drill.
+
+Each runner takes the job (schedule.Due), what it needs to reach the pool and the
+repositories, and a `Stop` that says when to give up (the window closed, the
+agent is ending); it returns the outcome for the history. Retention follows
+each success: local snapshots after a snapshot, backups after a backup or copy,
+never removing a snapshot a repository still needs as the base of its next
+incremental (or a stopped backup continues from).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import BlocksnapError, InvalidArgument, NotFound
+from ..retention import Policy as KeepRules
+from ..retention import decide
+from ..service.runner import call
+from ..service.snapshots import create_snapshot
+from ..settings import Settings
+from .model import Policy, Repository, VolumeRule
+from .schedule import Due, VolumeFacts
+
+AGENT_LABEL = "made-by"          # label on the snapshots the agent takes (only those it prunes)
+AGENT_LABEL_VALUE = "agent"
+
+
+class Stopped(BlocksnapError):
+    """The job's window closed or the agent is stopping: cut short cleanly."""
+
+
+@dataclass
+class Stop:
+    """When a job must stop: a deadline (its window) or the agent's own stop event."""
+
+    deadline: float
+    event: threading.Event
+    clock: Callable[[], float] = time.time
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Stopped("the agent is stopping")
+        if self.clock() >= self.deadline:
+            raise Stopped("the backup window closed")
+
+    def progress(self, _done: int = 0, _total: int = 0) -> None:
+        self.check()
+
+
+@dataclass
+class Outcome:
+    result: str = "ok"
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobEnv:
+    pool: str
+    policy: Policy
+    settings: Settings
+    host: str = field(default_factory=socket.gethostname)
+
+    @property
+    def origin(self) -> dict[str, str]:
+        return {"host": self.host, "pool": os.path.abspath(self.pool)}
+
+
+def open_repository(repo: Repository, create: bool = False):
+    """The policy's repository, its password read from its file (the agent never prompts)."""
+    from ..backup.repo import Repository as Repo
+
+    def password(_new: bool) -> bytes:
+        try:
+            with open(repo.password_file or "", "rb") as f:
+                pw = f.read().rstrip(b"\r\n")
+        except OSError as e:
+            raise InvalidArgument(f"repository {repo.name}: {repo.password_file}: {e.strerror}") from None
+        if not pw:
+            raise InvalidArgument(f"repository {repo.name}: {repo.password_file} is empty")
+        return pw
+    return Repo.open(repo.url, password, repo.endpoint, create)[0]
+
+
+def snapshot_name(now: float) -> str:
+    return "auto-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
+def take_snapshot(env: JobEnv, rule: VolumeRule, volume: str, now: float) -> dict[str, Any]:
+    s = rule.snapshot
+    name = snapshot_name(now)
+    taken = {x["name"] for x in call(env.pool, "snapshot_list", volume=volume)}
+    while name in taken:                         # two in one second
+        name = snapshot_name(now) + f"-{len(taken)}"
+        taken.add(name)
+    kw: dict[str, Any] = {}
+    if s:
+        kw = dict(fs=s.freeze, pg=s.pg, mysql=s.mysql, pre=s.pre, post=s.post, timeout=s.timeout)
+    return create_snapshot(env.pool, f"{volume}@{name}", {AGENT_LABEL: AGENT_LABEL_VALUE}, settings=env.settings,
+                           **kw)
+
+
+def protected_snapshots(facts: VolumeFacts) -> set[str]:
+    """Snapshots a repository's next run needs: the newest backup's (incremental
+    base), the newest full's (differential base), a stopped backup's."""
+    keep = set()
+    for (kind, _target), f in facts.jobs.items():
+        if kind != "backup":
+            continue
+        for row in (f.last_ok, f.last_full, f.last):
+            if row and row.get("info", {}).get("snapshot") and row["result"] in ("ok", "stopped"):
+                keep.add(row["info"]["snapshot"])
+    return keep
+
+
+def prune_snapshots(env: JobEnv, volume: str, rules: KeepRules, protected: set[str], now: float) -> dict:
+    snaps = [s for s in call(env.pool, "snapshot_list", volume=volume)
+             if s["labels"].get(AGENT_LABEL) == AGENT_LABEL_VALUE]
+    d = decide([(s["name"], s["created"]) for s in snaps], rules, now)
+    removed, kept_for_base = [], []
+    for name in d.remove:
+        if name in protected:
+            kept_for_base.append(name)
+            continue
+        try:
+            call(env.pool, "snapshot_delete", ref=f"{volume}@{name}")
+            removed.append(name)
+        except NotFound:
+            pass
+    return {"removed": removed, "kept_as_base": kept_for_base}
+
+
+def run_snapshot(env: JobEnv, rule: VolumeRule, due: Due, facts: VolumeFacts, now: float) -> Outcome:
+    info = take_snapshot(env, rule, due.volume, now)
+    out = Outcome(info={"snapshot": info["name"], "snapshot_created": info["created"],
+                        "consistency": info["consistency"]})
+    if rule.keep_snapshots:
+        facts.snapshot_names.add(info["name"])
+        out.info["retention"] = prune_snapshots(env, due.volume, rule.keep_snapshots, protected_snapshots(facts),
+                                                time.time())
+    return out
+
+
+def _backup_source(env: JobEnv, rule: VolumeRule, due: Due, now: float) -> dict[str, Any]:
+    """The snapshot to back up: a stopped run's, else the newest if it is fresh, else a new one."""
+    snaps = call(env.pool, "snapshot_list", volume=due.volume)
+    if due.snapshot:
+        hit = [s for s in snaps if s["name"] == due.snapshot]
+        if hit:
+            return hit[0]
+    every = rule.backup.schedule.every if rule.backup and rule.backup.schedule.every else 3600.0
+    fresh = [s for s in snaps if s["created"] >= now - min(every, rule.rpo or every)]
+    if fresh:
+        return max(fresh, key=lambda s: s["created"])
+    return take_snapshot(env, rule, due.volume, now)
+
+
+def run_backup(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop, now: float) -> Outcome:
+    from ..backup.maintain import prune
+    from ..backup.make import make_backup
+    snap = _backup_source(env, rule, due, now)
+    ref = f"{due.volume}@{snap['name']}"
+    info = {"snapshot": snap["name"], "snapshot_created": snap["created"], "requested_mode": due.mode}
+    repo = open_repository(env.policy.repositories[due.target], create=True)
+
+    def created(r: str) -> float | None:
+        try:
+            return call(env.pool, "snapshot_show", ref=r)["created"]
+        except NotFound:
+            return None
+
+    def produce(fd: int, base: str | None, start: int) -> dict:
+        return call(env.pool, "send", ref=ref, fd=fd, base=base, start=start)
+
+    try:
+        res = make_backup(repo, env.origin, ref, due.mode or "incremental", produce, created, stop.progress)
+    except Stopped as e:
+        return Outcome("stopped", error=str(e), info=info)
+    st = res["stats"]
+    out = Outcome(bytes_read=st["read_bytes"], bytes_stored=st["new_bytes"],
+                  info=dict(info, mode=res["mode"], backup_id=res["id"], base=res.get("base"), note=res.get("note")))
+    if rule.keep_backups:
+        group = (env.origin["host"], env.origin["pool"], due.volume)
+        pr = prune(repo, rule.keep_backups, groups={group})
+        out.info["retention"] = {"removed": pr["removed"], "packs_deleted": pr["packs_deleted"]}
+    return out
+
+
+def run_copy(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop) -> Outcome:
+    from ..backup.copy import copy_backups
+    from ..backup.maintain import prune
+    src = open_repository(env.policy.repositories[due.source or ""])
+    dst = open_repository(env.policy.repositories[due.target], create=True)
+    group = (env.origin["host"], env.origin["pool"], due.volume)
+    ids = [m.id for m in src.manifests() if m.group == group]
+    try:
+        res = copy_backups(src, dst, ids, stop.progress)
+    except Stopped as e:
+        return Outcome("stopped", error=str(e), info={"from": due.source})
+    out = Outcome(bytes_read=res.get("bytes_read", res.get("bytes_sent", 0)), bytes_stored=res.get("bytes_sent", 0),
+                  info={"from": due.source, **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}})
+    if rule.keep_backups:
+        out.info["retention"] = {"removed": prune(dst, rule.keep_backups, groups={group})["removed"]}
+    return out
+
+
+def run_verify(env: JobEnv, due: Due, cycle: float, budget: int, stop: Stop) -> Outcome:
+    from ..backup.coverage import verify_slice
+    repo = open_repository(env.policy.repositories[due.target])
+    res = verify_slice(repo, budget, cycle, progress=stop.progress)
+    info = {k: v for k, v in res.items() if k != "problems"}
+    info["problems"] = list(res.get("problems", []))[:20]
+    if res.get("problems"):
+        return Outcome("failed", bytes_read=res.get("bytes_read", 0),
+                       error=f"corruption found in {due.target}: {res['problems'][0]}", info=info)
+    return Outcome(bytes_read=res.get("bytes_read", 0), info=info)
+
+
+def run_drill(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop) -> Outcome:
+    from ..recovery.drill import run_drill as drill
+    repo = open_repository(env.policy.repositories[due.target])
+    group = (env.origin["host"], env.origin["pool"], due.volume)
+    ms = [m for m in repo.manifests() if m.group == group]
+    if not ms:
+        raise NotFound(f"no backup of {due.volume} in {due.target} to drill")
+    assert rule.drill is not None
+    checks = list(rule.drill.checks)
+    res = drill(repo, ms[-1].id, checks, progress=stop.progress)
+    info = {"backup_id": ms[-1].id, "rto_seconds": res.get("rto_seconds"), "checks": res.get("checks")}
+    if not res.get("ok"):
+        return Outcome("failed", error=res.get("error") or "drill failed", info=info)
+    return Outcome(info=info)
