@@ -49,12 +49,15 @@ def _register() -> None:
         freeze_cmd,
         ops_cmd,
         pool_cmd,
+        recovery_cmd,
         serve_cmd,
         snapshot_cmd,
         stream_cmd,
         volume_cmd,
     )
-    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd, backup_cmd, ops_cmd):
+    # recovery_cmd after serve_cmd: its mount/umount replace serve_cmd's and pass snapshots on to them
+    for mod in (pool_cmd, volume_cmd, snapshot_cmd, data_cmd, stream_cmd, freeze_cmd, serve_cmd, backup_cmd,
+                recovery_cmd, ops_cmd):
         for command in getattr(mod, "COMMANDS", []):
             cli.add_command(command)
 
