@@ -16,9 +16,11 @@ a drill killed meanwhile has it killed by the next drill or `blocksnap umount`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -229,8 +231,19 @@ def command(b: Bringup, spec: dict) -> tuple[bool, str, str]:
                BLOCKSNAP_DRILL_FSTYPE=b.fstype or "", BLOCKSNAP_DRILL_DIR="")
     if b.fstype:
         env["BLOCKSNAP_DRILL_DIR"] = str(b.mount())
-    res = _run(["sh", "-c", spec["command"]], env=env, cwd=str(b.work))
-    return res.returncode == 0, _text(res), f"exit {res.returncode}"
+    proc = subprocess.Popen(["sh", "-c", spec["command"]], env=env, cwd=str(b.work), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    b.record({"kind": "command", "pid": proc.pid, "start": _start_time(proc.pid), "group": True})
+    try:
+        out, _ = proc.communicate(timeout=CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return False, out[-OUTPUT_KEEP:], f"timed out after {CHECK_TIMEOUT:.0f} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)      # what it left running in the background
+    return proc.returncode == 0, out[-OUTPUT_KEEP:], f"exit {proc.returncode}"
 
 
 CHECKS: dict[str, Callable[[Bringup, dict], tuple[bool, str, str]]] = {

@@ -90,7 +90,7 @@ def run_drill(repo: Repository, backup_id: str, checks: list[str | dict], progre
     specs = [parse_check(c) if isinstance(c, str) else c for c in checks] or [parse_check("fsck")]
     swept = reg.sweep(settings)
     result: dict[str, Any] = {"backup": backup_id, "ok": False, "rto_seconds": None, "checks": [], "error": None,
-                              "damaged": [], "time": time.time(), "host": socket.gethostname(),
+                              "damaged": [], "read_errors": [], "time": time.time(), "host": socket.gethostname(),
                               "repo": repo.url, "cleaned_up_leftovers": swept}
     with _sigterm_raises(), repo.lock("drill"):
         m = repo.manifest(backup_id)      # an unknown ID is the caller's error, not a failed drill
@@ -119,6 +119,7 @@ def _drill(repo: Repository, m, specs: list[dict], result: dict, t0: float, prog
     steps = len(specs) + 1
     work = Path(tempfile.mkdtemp(prefix="blocksnap-drill-", dir=work_root))
     os.chmod(work, 0o755)          # database servers run as their own user, and must reach fs/
+    result["work_dir"] = str(work)
     (work / "fs").mkdir()
     (work / "image").mkdir()
     sd = reg.state_dir(str(work / "fs"), settings)
@@ -146,7 +147,8 @@ def _drill(repo: Repository, m, specs: list[dict], result: dict, t0: float, prog
         source = BlockSource(repo, m, ChunkCache(cache_size, int(m.info["chunk_size"]), work_root),
                              on_damage=damaged)
         overlay = Overlay(str(work), source.size)
-        fs_thread = serve_in_thread(ImageFS(source, overlay), str(work / "image"))
+        fs_thread = serve_in_thread(ImageFS(source, overlay, on_error=result["read_errors"].append),
+                                    str(work / "image"))
         state["device"] = loopdev.attach(state["image"], read_only=False, direct_io=False)
         reg.save_state(sd, state)
         b = Bringup(work, state["device"], loopdev.fstype(state["device"]), m, repo.url, state["image"], keep)
@@ -165,7 +167,8 @@ def _drill(repo: Repository, m, specs: list[dict], result: dict, t0: float, prog
             if progress:
                 progress(i + 2, steps)
             if not ok:
-                result["error"] = f"check {spec['name']} failed: {summary}"
+                result["error"] = f"check {spec['name']} failed: {summary}" + (
+                    f" (reads of the backup failed: {result['read_errors'][0]})" if result["read_errors"] else "")
                 return
         result["ok"] = True
         result["rto_seconds"] = round(time.monotonic() - t0, 3)

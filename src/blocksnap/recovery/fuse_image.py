@@ -32,8 +32,8 @@ class ImageFS(mfusepy.Operations):
     use_ns = True
 
     def __init__(self, source: BlockSource, overlay: Overlay | None = None,
-                 on_init: Callable[[], None] | None = None):
-        self.source, self.overlay, self.on_init = source, overlay, on_init
+                 on_init: Callable[[], None] | None = None, on_error: Callable[[str], None] | None = None):
+        self.source, self.overlay, self.on_init, self.on_error = source, overlay, on_init, on_error
         self.name = f"{source.id}.img"
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mtime = int(source.manifest.info.get("time", time.time()) * 1e9)
@@ -69,7 +69,10 @@ class ImageFS(mfusepy.Operations):
         msg = str(e)
         if msg not in self.errors:
             self.errors.append(msg)
-            log.error("%s: %s", what, msg)
+            if self.on_error is not None:
+                self.on_error(f"{what}: {msg}")
+            else:
+                log.error("%s: %s", what, msg)
         return FuseOSError(errno.EIO)
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
@@ -141,7 +144,7 @@ def run_image_fuse(fs: ImageFS, mountpoint: str) -> None:
     writes), with a bounded thread count (libfuse's default, unbounded, makes it
     print a warning on stderr, which a drill's caller would see)."""
     opts = fuse_options(f"blocksnap-backup:{fs.source.id}", read_only=fs.overlay is None, allow_other=False)
-    _FUSE(fs, mountpoint, max_threads=MAX_THREADS, **opts)
+    _FUSE(fs, mountpoint, max_threads=MAX_THREADS, max_idle_threads=MAX_THREADS, **opts)
 
 
 def serve_in_thread(fs: ImageFS, mountpoint: str, timeout: float = 30.0) -> threading.Thread:

@@ -233,8 +233,11 @@ def teardown(sd: Path, state: dict, *, lazy: bool = False) -> list[str]:
     done: list[str] = []
     for svc in state.get("services", []):
         if alive(svc.get("pid"), svc.get("start")):
+            if svc.get("group"):          # a command's whole process group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(svc["pid"], signal.SIGKILL)
             stop_process(svc["pid"], svc.get("start"), timeout=0.5)
-            done.append(f"{svc.get('kind')} pid {svc['pid']}")
+            done.append(f"stopped {svc.get('kind')} (pid {svc['pid']})")
     fs_dir = state.get("fs_dir") or (state["dir"] if state.get("kind") == "mount" else None)
     dev = state.get("device")
     if fs_dir:
