@@ -30,7 +30,7 @@ def _load_policy(path: str):
         return load(path)
     except PolicyError as e:
         for extra in e.problems[1:]:
-            click.echo(f"  also: {extra}", err=True)
+            click.echo(f"also: {extra}")   # stdout: the one error line stays the first problem
         raise InvalidArgument(e.problems[0]) from None
 
 

@@ -69,6 +69,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.reload_asked = False
         self.running: dict[tuple[str, str, str], threading.Thread] = {}
+        self.in_use: set[str] = set()      # snapshots running jobs read (VOLUME@NAME): never pruned
         self.ran: set[tuple[str, str, str]] = set()
         self.cache = RepoCache()
         self.runner = f"{socket.gethostname()}:{os.getpid()}"
@@ -158,8 +159,18 @@ class Agent:
         return started
 
     def _busy(self, d: Due) -> bool:
-        """One job per volume; a repository's verification apart from its volumes' jobs."""
-        return any(k[0] == d.volume and (d.volume or k[2] == d.target) for k in self.running)
+        """One job per volume at a time, except that snapshots (a metadata commit) go on
+        while the volume's backup, copy or drill runs, so a long backup cannot break
+        the RPO; a repository's verification apart from its volumes' jobs."""
+        for vol, kind, target in self.running:
+            if vol != d.volume:
+                continue
+            if not vol:
+                if target == d.target:
+                    return True
+            elif (kind == "snapshot") == (d.kind == "snapshot"):
+                return True
+        return False
 
     def _start(self, d: Due, facts: schedule.VolumeFacts) -> None:
         t = threading.Thread(target=self._job, args=(d, facts), name=f"job {d.kind} {d.volume} {d.target}",
@@ -180,7 +191,7 @@ class Agent:
 
     # -- one job -----------------------------------------------------------
     def _job(self, d: Due, facts: schedule.VolumeFacts) -> None:
-        env = jobs.JobEnv(self.pool, self.policy, self.settings)
+        env = jobs.JobEnv(self.pool, self.policy, self.settings, in_use=self.in_use)
         started = self.clock()
         info: dict[str, Any] = {"mode": d.mode, "reason": d.reason}
         if d.source:

@@ -65,6 +65,7 @@ class JobEnv:
     pool: str
     policy: Policy
     settings: Settings
+    in_use: set[str] = field(default_factory=set)     # VOLUME@NAME read by running jobs (agent-wide)
     host: str = field(default_factory=socket.gethostname)
 
     @property
@@ -125,7 +126,7 @@ def prune_snapshots(env: JobEnv, volume: str, rules: KeepRules, protected: set[s
     d = decide([(s["name"], s["created"]) for s in snaps], rules, now)
     removed, kept_for_base = [], []
     for name in d.remove:
-        if name in protected:
+        if name in protected or f"{volume}@{name}" in env.in_use:
             kept_for_base.append(name)
             continue
         try:
@@ -178,10 +179,13 @@ def run_backup(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop, now: float) 
     def produce(fd: int, base: str | None, start: int) -> dict:
         return call(env.pool, "send", ref=ref, fd=fd, base=base, start=start)
 
+    env.in_use.add(ref)
     try:
         res = make_backup(repo, env.origin, ref, due.mode or "incremental", produce, created, stop.progress)
     except Stopped as e:
         return Outcome("stopped", error=str(e), info=info)
+    finally:
+        env.in_use.discard(ref)
     st = res["stats"]
     out = Outcome(bytes_read=st["read_bytes"], bytes_stored=st["new_bytes"],
                   info=dict(info, mode=res["mode"], backup_id=res["id"], base=res.get("base"), note=res.get("note")))

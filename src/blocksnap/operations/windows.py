@@ -133,8 +133,20 @@ def open_minutes_per_week(window: Window) -> int:
     return int(_mask(plain, datetime.timezone.utc, 4 * 1440, 7 * 1440).sum())   # Mon 1970-01-05
 
 
+_LONGEST: dict[str, int] = {}
+
+
 def longest_open_minutes(window: Window) -> int:
     """The longest stretch the window stays open in a typical week, in minutes."""
+    key = repr((window.ranges, window.days, window.except_times))
+    if key not in _LONGEST:
+        if len(_LONGEST) >= _CACHE_MAX:
+            _LONGEST.clear()
+        _LONGEST[key] = _longest(window)
+    return _LONGEST[key]
+
+
+def _longest(window: Window) -> int:
     plain = Window(window.ranges, window.days, [], window.except_times)
     m = np.concatenate([_mask(plain, datetime.timezone.utc, 4 * 1440, 7 * 1440)] * 2)
     if m.all():
