@@ -16,7 +16,8 @@ Rules (docs/operations.md, "When jobs run"):
   such run took, unless it could never fit a window anyway (then it goes on
   across windows) or it continues a stopped one;
 - copies and drills are due `every` after their last success, verification once
-  a day; a failed run is retried after 1, 2, 4 ... minutes, at most 30;
+  a day; a failed run is retried after 1, 2, 4 ... minutes, at most 30; one the
+  agent's death interrupted runs again at once;
 - missed runs are simply due: an agent that starts late runs them at once.
 """
 from __future__ import annotations
@@ -79,8 +80,9 @@ class Due:
 
 
 def retry_at(f: JobFacts) -> float | None:
-    """After a failure: when to try again (None: the last run did not fail)."""
-    if not f.last or f.last["result"] not in ("failed", "interrupted") or not f.failures_since_success:
+    """After a failure: when to try again (None: the last run did not fail). A run
+    the agent's own end interrupted is not the job's fault: it runs again at once."""
+    if not f.last or f.last["result"] != "failed" or not f.failures_since_success:
         return None
     wait = min(RETRY_FIRST * 2 ** (f.failures_since_success - 1), RETRY_MAX)
     return (f.last["ended"] or f.last["started"]) + wait

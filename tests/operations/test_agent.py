@@ -1,0 +1,129 @@
+"""The agent on a real pool and real repositories: it snapshots, backs up, keeps its
+history, survives kill -9 mid-backup (the job recorded as interrupted, run again,
+only the rest stored), and stops a backup whose window closes, continuing it later."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blocksnap.operations.agent import Agent
+from blocksnap.settings import Settings
+from tests.conftest import run_cli
+
+from .agent_env import M, jobs, kill9, make_pool, start_agent, stop_daemon, wait_for, write_policy
+
+POLICY = """\
+[[repository]]
+name = "local"
+url = "file://{tmp}/repo"
+password_file = "{pw}"
+
+[[volume]]
+match = ["vm*"]
+rpo = "1h"
+snapshot = { every = "15m" }
+keep_snapshots = { last = 2 }
+backup = { to = ["local"], every = "1h" }
+keep_backups = { last = 5 }
+
+[metrics]
+listen = ""
+"""
+
+
+def _repo_env(tmp: Path) -> dict[str, str]:
+    return {"BLOCKSNAP_PASSWORD_FILE": str(tmp / "pw"), "BLOCKSNAP_REPO": f"file://{tmp}/repo"}
+
+
+def test_agent_once_snapshots_backs_up_and_records(tmp_path: Path):
+    pool = make_pool(tmp_path / "pool", {"vm1": 8 * M, "vm2": 4 * M, "other": M})
+    policy = write_policy(tmp_path, POLICY)
+    res = run_cli(pool, "agent", "--policy", policy, "--once")
+    assert res.returncode == 0, res.stderr
+    rows = jobs(pool)
+    kinds = sorted((r["volume"], r["kind"], r["result"]) for r in rows)
+    assert kinds == [("vm1", "backup", "ok"), ("vm1", "snapshot", "ok"), ("vm2", "backup", "ok"),
+                     ("vm2", "snapshot", "ok")]                 # 'other' is in no policy
+    b1 = next(r for r in rows if r["volume"] == "vm1" and r["kind"] == "backup")
+    assert b1["bytes_read"] >= 8 * M and b1["bytes_stored"] >= 8 * M and b1["info"]["mode"] == "full"
+    # the backup restores to exactly the snapshot it names
+    env = _repo_env(tmp_path)
+    run_cli(pool, "restore", b1["info"]["backup_id"], tmp_path / "r.img", env=env, check=True)
+    run_cli(pool, "export", f"vm1@{b1['info']['snapshot']}", tmp_path / "e.img", check=True)
+    assert (tmp_path / "r.img").read_bytes() == (tmp_path / "e.img").read_bytes()
+    # status knows the recovery point, from the snapshot's creation time
+    st = json.loads(run_cli(pool, "status", "--policy", policy, "--json", check=True).stdout)
+    vm1 = next(v for v in st["volumes"] if v["volume"] == "vm1")
+    assert vm1["recovery_point"] == pytest.approx(b1["info"]["snapshot_created"])
+    assert not vm1["rpo_breached"] and vm1["copies"][0]["backup_id"] == b1["info"]["backup_id"]
+    assert vm1["next_runs"]["snapshot"] > time.time() + 10 * 60
+    # nothing is due now: a second run does nothing
+    assert run_cli(pool, "agent", "--policy", policy, "--once").returncode == 0
+    assert len(jobs(pool)) == len(rows)
+    text = run_cli(pool, "jobs", "--volume", "vm1", check=True).stdout
+    assert "backup" in text and "other" not in text
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_agent_killed_mid_backup_runs_it_again(tmp_path: Path):
+    pool = make_pool(tmp_path / "pool", {"vm1": 400 * M})
+    policy = write_policy(tmp_path, POLICY)
+    log = tmp_path / "agent.log"
+    agent = start_agent(pool, policy, log)
+    try:
+        wait_for(lambda: any(r["kind"] == "backup" and r["result"] == "running" for r in jobs(pool)),
+                 what="a running backup")
+        time.sleep(3.0)                  # past a checkpoint or two (every 2 s at most)
+        kill9(agent)
+        assert [r["result"] for r in jobs(pool) if r["kind"] == "backup"] == ["running"]   # as the kill left it
+        res = run_cli(pool, "agent", "--policy", policy, "--once", timeout=300)
+        assert res.returncode == 0, res.stderr
+        backups = [r for r in jobs(pool) if r["kind"] == "backup"]
+        assert [r["result"] for r in backups] == ["ok", "interrupted"]        # newest first
+        assert "interrupted" in backups[1]["error"]
+        again = backups[0]
+        assert again["bytes_stored"] < 400 * M                  # the first run's packs were kept
+        env = _repo_env(tmp_path)
+        assert json.loads(run_cli(pool, "verify", "--json", env=env, check=True).stdout)["problems"] == []
+        locks = list((tmp_path / "repo" / "locks").iterdir()) if (tmp_path / "repo" / "locks").exists() else []
+        assert locks == []
+    finally:
+        if agent.poll() is None:
+            kill9(agent)
+        stop_daemon(pool)
+
+
+@pytest.mark.slow
+def test_window_closing_stops_the_backup_and_the_next_window_continues(tmp_path: Path):
+    pool = make_pool(tmp_path / "pool", {"vm1": 300 * M})
+    now = time.localtime()
+    start = time.strftime("%H:%M", now)
+    end = time.strftime("%H:%M", time.localtime(time.time() + 6 * 3600))
+    policy = write_policy(tmp_path, POLICY.replace('every = "1h" }', f'every = "1h", window = "{start}-{end}" }}'))
+    shift = [0.0]
+    agent = Agent(str(pool), str(policy), Settings.from_env(), once=True, clock=lambda: time.time() + shift[0])
+    # cut the window short while the backup runs: the agent's clock jumps past its end
+    timer = threading.Timer(2.5, lambda: shift.__setitem__(0, 6 * 3600 + 60))
+    timer.start()
+    t = threading.Thread(target=agent.run)
+    t.start()
+    t.join(300)
+    timer.cancel()
+    first = next(r for r in jobs(pool) if r["kind"] == "backup")
+    assert first["result"] == "stopped" and "window" in first["error"], first
+    # the next window (the clock back inside it): the same snapshot, only the rest stored
+    shift[0] = 24 * 3600
+    again = Agent(str(pool), str(policy), Settings.from_env(), once=True, clock=lambda: time.time() + shift[0])
+    t = threading.Thread(target=again.run)
+    t.start()
+    t.join(300)
+    second = next(r for r in jobs(pool) if r["kind"] == "backup")
+    assert second["result"] == "ok", second
+    assert second["info"]["snapshot"] == first["info"]["snapshot"]
+    assert second["bytes_stored"] < 300 * M - 32 * M
+    assert second["info"]["mode"] == "full"
