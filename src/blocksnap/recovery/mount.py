@@ -20,7 +20,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -116,36 +115,75 @@ def stop_process(pid: int | None, started: str | None, timeout: float = 5.0) -> 
     return killed
 
 
+class _Child:
+    """The forked image server, as far as its starter needs it."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
 def spawn_server(sd: Path, *, repo: str, endpoint: str | None, password: bytes, backup: str, mountpoint: str,
                  cache_size: int, cache_dir: str | None, overlay_dir: str | None = None,
-                 op: str = "mount") -> tuple[subprocess.Popen, dict]:
+                 op: str = "mount") -> tuple[_Child, dict]:
     """Start the image server detached; returns it and its ready message (or raises
-    its error). The password goes through a pipe, never argv or the environment."""
+    its error). It is a fork of this process (which must have no threads yet): the
+    modules it needs are loaded already, so it starts in the time it takes to open
+    the repository, not to start another interpreter. The password stays in memory."""
+    from . import server  # loaded before the fork, with what it imports
+    server.preload()
     r, w = os.pipe()
     req = {"repo": repo, "endpoint": endpoint, "password": base64.b64encode(password).decode(),
            "backup": backup, "mountpoint": mountpoint, "cache_size": cache_size, "cache_dir": cache_dir,
            "overlay_dir": overlay_dir, "state_dir": str(sd), "status_fd": w, "op": op}
-    log = open(sd / "server.log", "ab")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:         # the server: its own session, its log as stdout and stderr, no other fds
+        code = 1
+        try:
+            os.setsid()
+            log = os.open(sd / "server.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.closerange(3, w)
+            os.closerange(w + 1, 65536)
+            code = server.run(req)
+        finally:
+            os._exit(code)
+    os.close(w)
+    child = _Child(pid)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "blocksnap.recovery.server"], stdin=subprocess.PIPE,
-                                stdout=log, stderr=log, pass_fds=(w,), start_new_session=True, close_fds=True)
-    finally:
-        log.close()
-        os.close(w)
-    try:
-        proc.stdin.write(json.dumps(req).encode())
-        proc.stdin.close()
-        msg = _read_status(r, proc)
+        msg = _read_status(r, child)
     finally:
         os.close(r)
     if "error" in msg:
-        proc.wait(30)
-        err = _error_class(msg.get("class"))(msg["error"])
-        raise err
-    return proc, msg
+        child.wait(30)
+        raise _error_class(msg.get("class"))(msg["error"])
+    return child, msg
 
 
-def _read_status(fd: int, proc: subprocess.Popen) -> dict:
+def _read_status(fd: int, proc: _Child) -> dict:
     buf = b""
     deadline = time.monotonic() + START_TIMEOUT
     while b"\n" not in buf:

@@ -79,10 +79,26 @@ def serve(req: dict) -> int:
     return 0
 
 
+def preload() -> None:
+    """Import what `serve` needs (before a fork, so the server does not)."""
+    from ..backup import repo  # noqa: F401
+    from . import fuse_image, overlay, source  # noqa: F401
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s blocksnap image server: %(message)s")
+    """As a program: the request on standard input."""
     req = json.loads(sys.stdin.read())
     sys.stdin.close()
+    return run(req)
+
+
+def run(req: dict) -> int:
+    """Serve `req` until unmounted; an error before that goes to its status pipe."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s blocksnap image server: %(message)s",
+                        stream=sys.stderr, force=True)
     try:
         return serve(req)
     except BlocksnapError as e:
