@@ -109,3 +109,39 @@ def export(pool: Path, ref: str, out: Path) -> bytes:
     data = out.read_bytes()
     os.unlink(out)
     return data
+
+
+def s3_bucket(s3_server: str, name: str) -> str:
+    """A new bucket on the moto server (a name unique to the test)."""
+    import boto3
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+class Side:
+    """One repository of a copy: its URL and the options naming it, as `--from`
+    or `--to` (endpoint and password file given on the command line)."""
+
+    def __init__(self, url: str, password_file: Path, endpoint: str | None = None):
+        self.url, self.password_file, self.endpoint = url, password_file, endpoint
+
+    def args(self, side: str) -> list[str]:
+        return [f"--{side}", self.url, f"--{side}-password-file", str(self.password_file),
+                *([f"--{side}-endpoint", self.endpoint] if self.endpoint else [])]
+
+    def repo_args(self) -> list[str]:
+        """The same repository as `--repo` for the other commands."""
+        return ["--repo", self.url, "--password-file", str(self.password_file),
+                *(["--endpoint", self.endpoint] if self.endpoint else [])]
+
+
+def side(kind: str, tmp_path: Path, name: str, password: str, s3_server: str | None = None) -> Side:
+    """A repository (not made yet) on file:// or on the moto server, with its own password."""
+    pw = tmp_path / f"{name}.pass"
+    pw.write_text(password + "\n")
+    if kind == "file":
+        return Side(f"file://{tmp_path / name}", pw)
+    assert s3_server is not None
+    bucket = s3_bucket(s3_server, f"{name}-{os.urandom(4).hex()}")
+    return Side(f"s3://{bucket}/repo", pw, s3_server)

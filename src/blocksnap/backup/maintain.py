@@ -12,14 +12,15 @@ small index objects together.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import BlocksnapError, NotFound
+from ..errors import BlocksnapError, InvalidArgument
 from ..retention import Policy, decide
-from . import index_files, resume
+from . import coverage, index_files, resume
 from .chunk_index import KEY, ChunkIndex, keys_of, member, missing_chunks
 from .repo import Repository
 
@@ -27,13 +28,22 @@ Progress = Callable[[int, int], None] | None
 REPACK_BELOW = 0.5    # rewrite a pack whose live share of bytes is below this
 
 
-def verify(repo: Repository, read_data: bool = False, progress: Progress = None) -> dict[str, Any]:
+def verify(repo: Repository, read_data: bool = False, progress: Progress = None, budget: int | None = None,
+           cycle: float | None = None, now: float | None = None) -> dict[str, Any]:
+    """Every index, pack and manifest checked; with `read_data` every pack read
+    back; with `budget` (bytes) a slice of the packs read back, those never read or
+    read longest ago first, and coverage over `cycle` seconds (backup/coverage.py).
+    What is read is noted in the repository's verification record either way."""
+    if read_data and budget is not None:
+        raise InvalidArgument("read every pack (--read-data) or a budget of them (--budget), not both")
     with repo.lock("verify"):     # a prune rewriting packs meanwhile would look like damage
-        return _verify(repo, read_data, progress)
+        return _verify(repo, read_data, progress, budget, cycle, now)
 
 
-def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, Any]:
-    problems: list[str] = []
+def pack_checks(repo: Repository, problems: list[str]) -> tuple[dict[str, int], dict, list[index_files.Part]]:
+    """(pack -> size as listed, each indexed pack's (ids, offsets, lengths), the
+    indexed packs that are there and long enough): every pack an index names must
+    be stored, whole."""
     packs = {k.split("/", 1)[1]: n for k, n in repo.backend.list("data").items()}
     contents: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     good = []   # packs whose chunks count as stored: present and long enough
@@ -47,6 +57,13 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
             problems.append(f"pack {pack} is cut short: {packs[pack]} bytes, its index needs {end}")
             continue
         good.append((pack, ids, offs, lens))
+    return packs, contents, good
+
+
+def _verify(repo: Repository, read_data: bool, progress: Progress, budget: int | None, cycle: float | None,
+            now: float | None) -> dict[str, Any]:
+    problems: list[str] = []
+    packs, contents, good = pack_checks(repo, problems)
     index = ChunkIndex.build(good)
     backups = 0
     for bid in repo.backup_ids():
@@ -59,30 +76,22 @@ def _verify(repo: Repository, read_data: bool, progress: Progress) -> dict[str, 
         lost = missing_chunks(index, m.ids)
         if lost:
             problems.append(f"backup {bid}: {lost} of its chunks are not stored")
-    checked = 0
-    if read_data:
-        total = sum(packs.get(p, 0) for p in contents)
-        done = 0
-        for pack, (ids, offs, lens) in sorted(contents.items()):
-            if pack not in packs:
-                continue
-            try:
-                blob = memoryview(repo.backend.get(f"data/{pack}"))
-            except NotFound as e:
-                problems.append(str(e))
-                continue
-            for cid, o, n in zip(map(bytes, ids), offs.tolist(), lens.tolist()):
-                try:
-                    repo.open_chunk(cid, blob[o:o + n], f"chunk {cid.hex()} in pack {pack}")
-                    checked += 1
-                except BlocksnapError as e:
-                    problems.append(str(e))
-            done += packs[pack]
-            if progress:
-                progress(done, total)
-    return {"repository": repo.url, "backups": backups, "packs": len(packs), "chunks": len(index),
-            "chunks_read": checked, "read_data": read_data,
-            "unindexed_packs": sorted(set(packs) - set(contents)), "problems": problems}
+    out: dict[str, Any] = {"repository": repo.url, "backups": backups, "packs": len(packs), "chunks": len(index),
+                           "chunks_read": 0, "read_data": read_data,
+                           "unindexed_packs": sorted(set(packs) - set(contents)), "problems": problems}
+    if read_data or budget is not None:
+        now = time.time() if now is None else now
+        sizes = {p: packs[p] for p, *_ in good}
+        if read_data:
+            chosen = sorted(sizes)
+        else:
+            chosen = coverage.choose(coverage.read_record(repo)[1], sizes, budget)
+        results, out["chunks_read"], out["bytes_read"] = coverage.read_packs(repo, chosen, contents, problems,
+                                                                             progress)
+        out["packs_read"] = len(chosen)
+        entries = coverage.record_reads(repo, sizes, results, now)
+        out["coverage"] = coverage.summary(entries, cycle or coverage.DEFAULT_CYCLE, now, budget)
+    return out
 
 
 def _index_parts(objects: list[index_files.IndexObject], problems: list[str]):
@@ -100,12 +109,16 @@ def _index_parts(objects: list[index_files.IndexObject], problems: list[str]):
             yield pack, ids, offs, lens
 
 
-def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
+def prune(repo: Repository, policy: Policy, dry_run: bool = False, now: float | None = None,
+          groups: set[tuple[str, str, str]] | None = None) -> dict[str, Any]:
+    """`groups` (host, pool, volume): apply the policy to these only (the agent prunes
+    per volume, each by its own rules); the others' backups are all kept."""
     with repo.lock("prune", exclusive=not dry_run):
         manifests = repo.manifests()
         by_volume: dict[tuple, list] = defaultdict(list)
         for m in manifests:
-            by_volume[m.group].append(m)
+            if groups is None or m.group in groups:
+                by_volume[m.group].append(m)
         keep: dict[str, list[str]] = {}
         remove: list[str] = []
         for ms in by_volume.values():

@@ -34,6 +34,7 @@ from .manifest import Manifest
 
 PACK_TARGET = 16 << 20      # bytes of sealed chunks per pack object
 RAW, ZSTD = 0, 1            # first byte of a chunk's plaintext
+WRITERS = ("backup", "copy-to")   # lock operations that add packs (and so merge indexes at start)
 
 
 class Repository:
@@ -89,9 +90,10 @@ class Repository:
         """Read every index object: which chunks the repository holds, and where.
         index_files.READERS objects at a time (on S3 each is a round trip); merged
         indexes make that a few objects for many packs. Under a backup's lock,
-        more than index_files.LOOSE_MAX loose (one-pack) indexes are merged first."""
+        more than index_files.LOOSE_MAX loose (one-pack) indexes are merged first
+        (a copy into this repository does the same)."""
         objects = index_files.read_all(self)
-        if self._held == "backup":
+        if self._held in WRITERS:
             merge = index_files.to_merge(objects)
             if merge:     # the same packs after as before: the index is built from what was read
                 index_files.merge(self, objects, merge)

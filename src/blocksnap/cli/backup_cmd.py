@@ -1,4 +1,4 @@
-"""`blocksnap backup|restore|backups|verify|prune|unlock`: snapshots in a repository."""
+"""`blocksnap backup|backup copy|restore|backups|verify|prune|unlock`: snapshots in a repository."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import click
 from ..errors import CorruptionError, InvalidArgument, NotFound
 from ..service.runner import call
 from ..settings import PASSWORD_FILE_ENV, REPO_ENV, REPO_PASSWORD_ENV, S3_ENDPOINT_ENV
-from ..units import format_size
+from ..units import format_size, parse_size
 from .context import Settings, emit, json_option, pass_settings, table
 from .options import keep_options, keep_policy
 from .progress import progress_bar
@@ -27,8 +27,9 @@ def repo_options(fn):
                         help=f"file:///PATH or s3://BUCKET[/PREFIX] (env {REPO_ENV}).")(fn)
 
 
-def _password_source(password_file: str | None, env_password: str | None):
-    """The password: from --password-file, else `env_password` (BLOCKSNAP_REPO_PASSWORD), else a prompt."""
+def _password_source(password_file: str | None, env_password: str | None, label: str = "repository"):
+    """The password: from --password-file, else `env_password` (BLOCKSNAP_REPO_PASSWORD), else a
+    prompt (naming `label`: which repository, when a command opens two)."""
     def get(new: bool) -> bytes:
         if password_file:
             try:
@@ -39,12 +40,12 @@ def _password_source(password_file: str | None, env_password: str | None):
         elif env_password:
             pw = env_password.encode()
         elif sys.stdin.isatty():
-            pw = click.prompt("new repository password" if new else "repository password", hide_input=True,
+            pw = click.prompt(f"new {label} password" if new else f"{label} password", hide_input=True,
                               confirmation_prompt=new, err=True).encode()
         else:
-            raise InvalidArgument(f"the repository needs a password: set {REPO_PASSWORD_ENV} or use --password-file")
+            raise InvalidArgument(f"the {label} needs a password: set {REPO_PASSWORD_ENV} or use --password-file")
         if not pw:
-            raise InvalidArgument("the repository password is empty")
+            raise InvalidArgument(f"the {label} password is empty")
         return pw
     return get
 
@@ -59,7 +60,36 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-@click.command("backup")
+class BackupGroup(click.Group):
+    """`backup VOLUME@NAME ...` and `backup copy ...`: the first word picks a subcommand,
+    and anything else (a snapshot reference, an option) is the snapshot backup, so the
+    command line of before the subcommands keeps working."""
+
+    default = "snapshot"     # the snapshot backup, hidden under this name
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "VOLUME@NAME --repo URL [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="   or: ")
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        snap = self.commands[self.default]
+        with click.Context(snap, info_name=ctx.info_name, parent=ctx.parent) as sub:
+            snap.format_options(sub, formatter)
+        self.format_commands(ctx, formatter)
+
+
+@click.group("backup", cls=BackupGroup)
+def backup_group() -> None:
+    """Back a snapshot up into a repository (created on first use), or copy backups
+    between repositories (`backup copy --help`)."""
+
+
+@backup_group.command("snapshot", hidden=True)
 @click.argument("ref", metavar="VOLUME@NAME")
 @repo_options
 @click.option("--mode", type=click.Choice(["full", "incremental", "differential"]), default="incremental",
@@ -139,19 +169,40 @@ def backups(settings: Settings, volume: str | None, repo_url: str, endpoint: str
 @click.command("verify")
 @repo_options
 @click.option("--read-data", is_flag=True, help="Also download, decrypt and check every chunk.")
+@click.option("--budget", metavar="SIZE", help="Also read back this many bytes of packs: those never read, "
+                                               "then those read longest ago (run it daily).")
+@click.option("--cycle", metavar="DURATION", help="With --budget: every pack should be read within this "
+                                                  "(e.g. 30d; default 30d); coverage is reported over it.")
 @json_option
 @pass_settings
 def verify(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None,
-           read_data: bool, as_json: bool) -> None:
+           read_data: bool, budget: str | None, cycle: str | None, as_json: bool) -> None:
     """Check that every backup in a repository can be restored."""
+    from ..backup.coverage import DEFAULT_CYCLE
     from ..backup.maintain import verify as _verify
+    from ..retention import parse_duration
+    if cycle is not None and budget is None:
+        raise click.UsageError("--cycle goes with --budget SIZE")
+    if read_data and budget is not None:
+        raise click.UsageError("--read-data reads every pack: give it or --budget, not both")
+    nbytes = parse_size(budget) if budget is not None else None
+    seconds = parse_duration(cycle) if cycle is not None else DEFAULT_CYCLE
     repo, _ = _open(settings, repo_url, endpoint, password_file)
     with progress_bar(settings, "verify") as prog:
-        res = _verify(repo, read_data, prog)
-    read = f", {res['chunks_read']} read back" if read_data else ""
+        res = _verify(repo, read_data, prog, nbytes, seconds)
+    read = f", {res['chunks_read']} read back" if read_data or nbytes is not None else ""
     found = f"{len(res['problems'])} problems" if res["problems"] else "no problems"
-    emit(res, as_json, None if settings.quiet else
-         f"{res['backups']} backups, {res['packs']} packs, {res['chunks']} chunks{read}: {found}")
+    text = f"{res['backups']} backups, {res['packs']} packs, {res['chunks']} chunks{read}: {found}"
+    if nbytes is not None:
+        cov = res["coverage"]
+        text += (f"\nread {res['packs_read']} packs ({format_size(res['bytes_read'])}); coverage "
+                 f"{cov['coverage_ratio']:.1%} of {format_size(cov['stored_bytes'])} read within "
+                 f"{cycle or '30d'}" + (f", never read: {cov['never_verified_packs']} packs" if
+                                        cov["never_verified_packs"] else "")
+                 + ("" if cov["budget_enough"] else
+                    f"; the budget is too small for the cycle (it needs "
+                    f"{format_size(cov['bytes_per_day_needed'] + cov['largest_pack_bytes'])} a run, daily)"))
+    emit(res, as_json, None if settings.quiet else text)
     if res["problems"]:
         for p in res["problems"] if not as_json else []:   # with --json they are in the JSON
             click.echo(f"problem: {p}")
@@ -198,4 +249,52 @@ def unlock(settings: Settings, repo_url: str, endpoint: str | None, password_fil
                                                  "(--all removes them)" if kept else ""))
 
 
-COMMANDS = [backup, restore, backups, verify, prune, unlock]
+@backup_group.command("copy")
+@click.argument("backup_ids", nargs=-1, metavar="BACKUP_ID...")
+@click.option("--all", "everything", is_flag=True, help="Copy every backup of the source.")
+@click.option("--from", "from_url", envvar=REPO_ENV, required=True, metavar="URL",
+              help=f"The repository to copy from (env {REPO_ENV}).")
+@click.option("--from-endpoint", envvar=S3_ENDPOINT_ENV, metavar="URL",
+              help=f"S3 endpoint of the source (env {S3_ENDPOINT_ENV}).")
+@click.option("--from-password-file", envvar=PASSWORD_FILE_ENV, type=click.Path(dir_okay=False),
+              help=f"The source's password (else env {PASSWORD_FILE_ENV}, {REPO_PASSWORD_ENV}, a prompt).")
+@click.option("--to", "to_url", required=True, metavar="URL",
+              help="The repository to copy into (created on first use, with its own password and key).")
+@click.option("--to-endpoint", envvar=S3_ENDPOINT_ENV, metavar="URL",
+              help=f"S3 endpoint of the destination (env {S3_ENDPOINT_ENV}).")
+@click.option("--to-password-file", envvar=PASSWORD_FILE_ENV, type=click.Path(dir_okay=False),
+              help=f"The destination's password (else env {PASSWORD_FILE_ENV}, {REPO_PASSWORD_ENV}, a prompt).")
+@json_option
+@pass_settings
+def copy(settings: Settings, backup_ids: tuple[str, ...], everything: bool, from_url: str,
+         from_endpoint: str | None, from_password_file: str | None, to_url: str, to_endpoint: str | None,
+         to_password_file: str | None, as_json: bool) -> None:
+    """Copy backups into another repository (3-2-1), sending only the chunks it lacks.
+
+    Killed or cut off, a copy run again goes on where it stopped. A copy restores
+    like the original and is listed there under the same backup ID."""
+    from ..backup.copy import copy_backups, same_repository
+    from ..backup.repo import Repository
+    if everything == bool(backup_ids):
+        raise click.UsageError("give BACKUP_ID... or --all (not both)")
+    env_pw = settings.env.repo_password
+    src, _ = Repository.open(from_url, _password_source(from_password_file, env_pw, "source repository"),
+                             from_endpoint)
+    for ident in backup_ids:      # an unknown one fails before the destination is made
+        src.manifest(ident)
+    dst_pw = _password_source(to_password_file, env_pw, "destination repository")
+    dst, created = Repository.open(to_url, dst_pw, to_endpoint, create=True)
+    if same_repository(src, dst):    # before a lock is taken on either
+        raise InvalidArgument(f"--from and --to are the same repository ({from_url})")
+    if created and not settings.quiet:
+        click.echo(f"initialised the repository {to_url}", err=True)
+    with progress_bar(settings, "copy") as prog:
+        res = copy_backups(src, dst, None if everything else list(backup_ids), prog)
+    emit(res, as_json, None if settings.quiet else
+         f"copied {len(res['copied'])} backups to {to_url}"
+         + (f", {len(res['skipped'])} already there" if res["skipped"] else "")
+         + f": fetched {format_size(res['bytes_fetched'])}, sent {res['chunks_sent']} chunks "
+           f"({format_size(res['bytes_sent'])}), {res['chunks_present']} were there")
+
+
+COMMANDS = [backup_group, restore, backups, verify, prune, unlock]
