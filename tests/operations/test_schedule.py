@@ -178,3 +178,23 @@ def test_a_backup_that_cannot_finish_waits_for_a_longer_window(tmp_path: Path):
     assert d.at == datetime.datetime(2026, 11, 3, 22, 0, tzinfo=tz).timestamp()
     assert d.deadline == datetime.datetime(2026, 11, 4, 1, 0, tzinfo=tz).timestamp()   # the 01:00 exclusion
     assert math.isfinite(d.deadline)
+
+
+def test_upcoming_lists_a_days_runs_inside_their_windows(tmp_path: Path):
+    (tmp_path / "pw").write_text("x")
+    (tmp_path / "p.toml").write_text(POLICY.format(pw=tmp_path / "pw"))
+    policy = load(str(tmp_path / "p.toml"))
+    tz = windows.zone(policy.timezone)
+    rule = policy.rule_for("vm1")
+    now = datetime.datetime(2026, 11, 2, 12, 0, tzinfo=tz).timestamp()      # a Monday
+    v = VolumeFacts("vm1", newest_snapshot=now - 60, newest_name="s", snapshot_names={"s"})
+    runs = schedule.upcoming(policy, [v, VolumeFacts("")], now, now + 86400)
+    by_kind: dict[str, list[float]] = {}
+    for t, d in runs:
+        by_kind.setdefault(d.kind, []).append(t)
+    assert len(by_kind["snapshot"]) == 96
+    backups = by_kind["backup"]
+    assert all(windows.is_open(rule.backup.window, tz, t) for t in backups)
+    assert 6 <= len(backups) <= 8                  # hourly, 22:00-06:00 less 01:00-01:30
+    assert [datetime.datetime.fromtimestamp(t, tz).hour for t in by_kind["copy"]] == [2]
+    assert runs == sorted(runs, key=lambda x: x[0])

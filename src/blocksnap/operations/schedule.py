@@ -240,3 +240,43 @@ def plan(policy: Policy, facts: list[VolumeFacts], now: float) -> list[Due]:
         due = _later(now if not f.last_ok else f.last_ok["started"] + VERIFY_EVERY, retry_at(f))
         out.append(Due("", "verify", repo, due, reason="coverage"))
     return sorted(out, key=lambda d: d.at)
+
+
+def _following(tz: datetime.tzinfo, rule: VolumeRule | None, d: Due, t: float) -> float:
+    """When the job `d` would start next if it ran (and succeeded) at t."""
+    if d.kind == "verify":
+        return t + VERIFY_EVERY
+    assert rule is not None
+    if d.kind == "snapshot" and rule.snapshot:
+        return due_by_schedule(rule.snapshot.schedule, t, tz, t + 1)
+    if d.kind == "backup" and rule.backup:
+        due = due_by_schedule(rule.backup.schedule, t, tz, t + 1)
+        return _in_window(rule.backup.window, tz, due, due, None, False)[0]
+    if d.kind == "copy":
+        c = next(c for c in rule.copy if c.dest == d.target)
+        return _in_window(c.window, tz, t + c.every, t + c.every, None, False)[0]
+    if d.kind == "drill" and rule.drill:
+        return _in_window(rule.drill.window, tz, t + rule.drill.every, t + rule.drill.every, None, False)[0]
+    return math.inf
+
+
+def upcoming(policy: Policy, facts: list[VolumeFacts], now: float, until: float) -> list[tuple[float, Due]]:
+    """Every run planned between now and `until` as (start, job), each job assumed to
+    succeed when it starts (the plan `status` shows, and what the benchmark times)."""
+    tz = windows.zone(policy.timezone)
+    out: list[tuple[float, Due]] = []
+    for d in plan(policy, facts, now):
+        rule = policy.rule_for(d.volume) if d.volume else None
+        t = max(d.at, now)
+        if d.kind == "snapshot" and rule and rule.snapshot and rule.snapshot.schedule.every:
+            every = rule.snapshot.schedule.every          # an interval: the runs in one go
+            out.extend((t + i * every, d) for i in range(int((until - t) // every) + 1) if t <= until)
+            continue
+        while t <= until:
+            out.append((t, d))
+            nxt = _following(tz, rule, d, t)
+            if not nxt > t:
+                break
+            t = nxt
+    out.sort(key=lambda x: x[0])
+    return out
