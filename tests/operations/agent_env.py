@@ -40,8 +40,8 @@ def jobs(pool: Path) -> list[dict]:
     return json.loads(res.stdout)
 
 
-def start_agent(pool: Path, policy: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
+def start_agent(pool: Path, policy: Path, log: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, **(extra_env or {}))
     env.pop("BLOCKSNAP_POOL", None)
     return subprocess.Popen([sys.executable, "-m", "blocksnap", "--pool", str(pool), "agent", "--policy",
                              str(policy)], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,

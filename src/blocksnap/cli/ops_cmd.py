@@ -84,11 +84,11 @@ def _age(seconds: float | None) -> str:
     return format_duration(seconds)
 
 
-def check_status(report) -> tuple[int, str]:
+def check_status(report, policy) -> tuple[int, str]:
     """The exit status of `status --check` and its one line."""
     from ..operations.alerts import conditions
     from ..operations.model import AlertsConfig
-    found = conditions(report, AlertsConfig(storage_threshold=report.storage_threshold), report.time)
+    found = conditions(report, policy.alerts if policy else AlertsConfig(), report.time)
     order = [("rpo_breached", CHECK_RPO), ("job_failed", CHECK_FAILED), ("storage", CHECK_CAPACITY)]
     for prefix, code in order:
         hits = [c for k, c in found.items() if k.startswith(prefix)]
@@ -128,7 +128,7 @@ def status(settings: Settings, policy_path: str | None, repo_url: str | None, en
     heartbeat, policy_error = read_agent_state(state_dir(settings.pool))
     rep = build_report(settings.pool, pol, heartbeat=heartbeat, policy_error=policy_error)
     if check:
-        code, line = check_status(rep)
+        code, line = check_status(rep, pol)
         emit(dict(rep.to_json(), check={"code": code, "line": line}), as_json, line)
         sys.exit(code)
     if as_json:

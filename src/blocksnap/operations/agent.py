@@ -215,7 +215,7 @@ class Agent:
         mode = out.info.get("mode")
         log.log(logging.INFO if out.result in ("ok", "stopped") else logging.ERROR, "%s: %s%s%s", _what(d),
                 out.result, f" ({mode})" if mode and mode != d.mode else "", f": {out.error}" if out.error else "")
-        self._ping(d, "success" if out.result == "ok" else "fail")
+        self._ping(d, "success" if out.result in ("ok", "stopped") else "fail", out.error or "")
         for name in (d.target, d.source):
             if name:
                 self.cache.invalidate(name)
@@ -253,9 +253,9 @@ class Agent:
         if self.publisher:
             self.publisher.publish(self, self.report, now)
 
-    def _ping(self, d: Due, event: str) -> None:
+    def _ping(self, d: Due, event: str, message: str = "") -> None:
         if self.publisher:
-            self.publisher.ping(self, d, event)
+            self.publisher.ping(self, d, event, message)
 
 
 def _what(d: Due) -> str:

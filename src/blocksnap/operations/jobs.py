@@ -207,8 +207,9 @@ def run_copy(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop) -> Outcome:
         res = copy_backups(src, dst, ids, stop.progress)
     except Stopped as e:
         return Outcome("stopped", error=str(e), info={"from": due.source})
-    out = Outcome(bytes_read=res.get("bytes_read", res.get("bytes_sent", 0)), bytes_stored=res.get("bytes_sent", 0),
-                  info={"from": due.source, **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}})
+    out = Outcome(bytes_read=res["bytes_fetched"], bytes_stored=res["bytes_sent"],
+                  info={"from": due.source, "copied": res["copied"], "skipped": len(res["skipped"]),
+                        "chunks_sent": res["chunks_sent"], "chunks_present": res["chunks_present"]})
     if rule.keep_backups:
         out.info["retention"] = {"removed": prune(dst, rule.keep_backups, groups={group})["removed"]}
     return out

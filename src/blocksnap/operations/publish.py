@@ -34,7 +34,7 @@ class Publisher:
         self.alerts_config = None
         self.usage_path = os.path.join(self.dir, "usage.json")
         self.usage = usage.load(self.usage_path)
-        self.last_heartbeat = 0.0
+        self.beats: dict[str, float] = {}     # repository -> when its heartbeat was last written
         self._configure(agent)
 
     def _configure(self, agent: Agent) -> None:
@@ -52,13 +52,13 @@ class Publisher:
                 except OSError as e:
                     log.error("metrics: cannot listen on %s: %s", m.listen, e.strerror)
         if agent.policy.alerts is not self.alerts_config:
+            from .alerts import AlertManager
             self.alerts_config = agent.policy.alerts
-            try:   # TEMP until alerts.py lands
-                from .alerts import AlertManager
-                self.alerts = AlertManager(agent.policy.alerts, os.path.join(self.dir, "alerts.json"),
+            if self.alerts is None:
+                self.alerts = AlertManager(self.alerts_config, os.path.join(self.dir, "alerts.json"),
                                            agent.report_host)
-            except ImportError:
-                self.alerts = None
+            else:
+                self.alerts.configure(self.alerts_config)
 
     @property
     def metrics_port(self) -> int | None:
@@ -75,16 +75,13 @@ class Publisher:
                 log.error("metrics textfile %s: %s", agent.policy.metrics.textfile, e.strerror)
         self._alerts(report, now)
         self._usage(report, now)
-        if now - self.last_heartbeat >= agent.heartbeat_every:
-            self.last_heartbeat = now
-            self._heartbeats(agent, report, now)
+        self._heartbeats(agent, report, now)
 
     def _alerts(self, report: Report, now: float) -> None:
         if self.alerts is None:
             return
-        from .alerts import conditions
         try:
-            self.alerts.run(conditions(report, self.alerts_config, now), now)
+            self.alerts.check(report, now)
         except (OSError, BlocksnapError) as e:
             log.error("alerts: %s", e)
 
@@ -105,17 +102,20 @@ class Publisher:
         from .jobs import open_repository
         vols = {v.volume: {"rpo": v.rpo, "recovery_point": v.recovery_point} for v in report.volumes}
         for repo in agent.policy.repositories.values():
+            if now - self.beats.get(repo.name, -1e18) < agent.heartbeat_every:
+                continue
             try:
                 write_heartbeat(open_repository(repo), report.host, os.path.abspath(agent.pool), now,
                                 agent.heartbeat_every, vols)
+                self.beats[repo.name] = now        # (a failure is tried again at the next look)
             except BlocksnapError as e:
                 log.info("heartbeat to %s: %s", repo.name, e)
 
-    def ping(self, agent: Agent, d: Due, event: str) -> None:
+    def ping(self, agent: Agent, d: Due, event: str, message: str = "") -> None:
         if not agent.policy.alerts.ping:
             return
         from .channels import ping
-        ping(agent.policy.alerts, f"{d.kind}-{d.volume or d.target}", event)
+        ping(agent.policy.alerts, d.kind, d.volume or d.target, event, message)
 
     def close(self) -> None:
         if self.server:
