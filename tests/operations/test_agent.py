@@ -127,3 +127,49 @@ def test_window_closing_stops_the_backup_and_the_next_window_continues(tmp_path:
     assert second["info"]["snapshot"] == first["info"]["snapshot"]
     assert second["bytes_stored"] < 300 * M - 32 * M
     assert second["info"]["mode"] == "full"
+
+
+COPY_POLICY = POLICY.replace('keep_backups = { last = 5 }', '''keep_backups = { last = 5 }
+copy = [{ from = "local", to = "second", every = "1d" }]''') + '''
+[[repository]]
+name = "second"
+url = "file://{tmp}/second"
+password_file = "{pw}"
+'''
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_agent_killed_mid_copy_copies_again_only_the_rest(tmp_path: Path):
+    pool = make_pool(tmp_path / "pool", {"vm1": 300 * M})
+    policy = write_policy(tmp_path, COPY_POLICY)
+    res = run_cli(pool, "agent", "--policy", policy, "--once", timeout=300)    # snapshot, backup, copy
+    assert res.returncode == 0, res.stderr
+    first = [r for r in jobs(pool) if r["kind"] == "copy"]
+    assert [r["result"] for r in first] == ["ok"] and first[0]["bytes_stored"] >= 300 * M
+    # the destination emptied, the copy due again at once, and the agent killed while it copies
+    import shutil
+    shutil.rmtree(tmp_path / "second")
+    log = tmp_path / "agent.log"
+    agent = start_agent(pool, write_policy(tmp_path, COPY_POLICY.replace('every = "1d" }]', 'every = "1s" }]')),
+                        log)
+    try:
+        wait_for(lambda: any(r["kind"] == "copy" and r["result"] == "running" for r in jobs(pool)),
+                 what="a running copy")
+        time.sleep(2.5)
+        kill9(agent)
+        res = run_cli(pool, "agent", "--policy", policy, "--once", timeout=300)
+        assert res.returncode == 0, res.stderr
+        copies = [r for r in jobs(pool) if r["kind"] == "copy"]
+        assert [r["result"] for r in copies[:2]] == ["ok", "interrupted"], copies
+        assert 0 < copies[0]["bytes_stored"] < 300 * M          # what the killed run sent stayed
+        env = {"BLOCKSNAP_PASSWORD_FILE": str(tmp_path / "pw"), "BLOCKSNAP_REPO": f"file://{tmp_path}/second"}
+        assert json.loads(run_cli(pool, "verify", "--json", env=env, check=True).stdout)["problems"] == []
+        b = next(r for r in jobs(pool) if r["kind"] == "backup" and r["result"] == "ok")
+        run_cli(pool, "restore", b["info"]["backup_id"], tmp_path / "r.img", env=env, check=True)
+        run_cli(pool, "export", f"vm1@{b['info']['snapshot']}", tmp_path / "e.img", check=True)
+        assert (tmp_path / "r.img").read_bytes() == (tmp_path / "e.img").read_bytes()
+    finally:
+        if agent.poll() is None:
+            kill9(agent)
+        stop_daemon(pool)

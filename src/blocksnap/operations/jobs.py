@@ -234,10 +234,12 @@ def run_drill(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop) -> Outcome:
     ms = [m for m in repo.manifests() if m.group == group]
     if not ms:
         raise NotFound(f"no backup of {due.volume} in {due.target} to drill")
+    from ..recovery.checks import parse_check
     assert rule.drill is not None
-    checks = list(rule.drill.checks)
-    res = drill(repo, ms[-1].id, checks, progress=stop.progress)
-    info = {"backup_id": ms[-1].id, "rto_seconds": res.get("rto_seconds"), "checks": res.get("checks")}
+    checks = [parse_check(c, rule.drill.sql, rule.drill.expect) for c in rule.drill.checks]
+    res = drill(repo, ms[-1].id, checks, progress=stop.progress, settings=env.settings)
+    info = {"backup_id": ms[-1].id, "rto_seconds": res.get("rto_seconds"),
+            "checks": [{k: c.get(k) for k in ("name", "ok", "seconds", "summary")} for c in res.get("checks", [])]}
     if not res.get("ok"):
         return Outcome("failed", error=res.get("error") or "drill failed", info=info)
     return Outcome(info=info)
