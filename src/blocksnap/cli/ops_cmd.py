@@ -104,19 +104,29 @@ def check_status(report, policy) -> tuple[int, str]:
 @click.option("--repo", "repo_url", metavar="URL", help="Report from this repository alone (every host and pool).")
 @click.option("--endpoint", metavar="URL", help="S3 endpoint, with --repo.")
 @click.option("--password-file", type=click.Path(dir_okay=False), help="Repository password, with --repo.")
+@click.option("--textfile", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --repo: also write the fleet's figures as Prometheus metrics (node_exporter textfile).")
 @click.option("--check", "check", is_flag=True,
               help=f"Exit {CHECK_OK} ok, {CHECK_WARNING} warning, {CHECK_RPO} RPO breached, {CHECK_FAILED} job "
                    f"failed, {CHECK_CAPACITY} storage over the threshold (Nagios-style monitors).")
 @json_option
 @pass_settings
 def status(settings: Settings, policy_path: str | None, repo_url: str | None, endpoint: str | None,
-           password_file: str | None, check: bool, as_json: bool) -> None:
+           password_file: str | None, textfile: str | None, check: bool, as_json: bool) -> None:
     """Per volume: recovery point and RPO, copies (3-2-1), next runs, drills; storage."""
+    if textfile and not repo_url:
+        raise InvalidArgument("--textfile goes with --repo (the agent writes its own: [metrics] textfile)")
     if repo_url:
         from ..operations.fleet import fleet_report, fleet_text
         from .backup_cmd import _open
         repo, _ = _open(settings, repo_url, endpoint, password_file)
         rep = fleet_report(repo)
+        if textfile:
+            from ..operations.fleet_metrics import write_fleet_textfile
+            try:
+                write_fleet_textfile(textfile, rep)
+            except OSError as e:
+                raise InvalidArgument(f"{textfile}: {e.strerror}") from None
         emit(rep, as_json, fleet_text(rep))
         if check and any(h["stale"] or h["rpo_breached"] for h in rep["hosts"]):
             sys.exit(CHECK_RPO)
