@@ -144,3 +144,45 @@ def test_drill_bad_inputs(local_backup, runtime_dir):
     assert_cli_error(b.cli("drill", b.id, env={"BLOCKSNAP_REPO_PASSWORD": "wrong"}, check=False), 1,
                      "wrong password")
     assert_nothing_left(runtime_dir)
+
+
+def test_xfs_mount_and_drill(tmp_path, runtime_dir):
+    """An xfs filesystem (mounted with norecovery,nouuid; drilled with xfs_repair -n)."""
+    import shutil
+
+    import blocksnap
+    from tests.backup.conftest import Repo
+
+    from .conftest import make_tree, tree
+    if not shutil.which("mkfs.xfs"):
+        import pytest
+        pytest.skip("needs xfsprogs")
+    files = tmp_path / "files"
+    make_tree(files, seed=11)
+    img = tmp_path / "xfs.img"
+    subprocess.run(["truncate", "-s", "320M", str(img)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True)
+    fill = tmp_path / "fill"
+    fill.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(fill)], check=True)
+    try:
+        shutil.copytree(files, fill, dirs_exist_ok=True)
+    finally:
+        subprocess.run(["umount", str(fill)], check=True)
+    pool = tmp_path / "pool"
+    blocksnap.Pool.create(str(pool), size=512 << 20).close()
+    repo = Repo(pool, f"file://{tmp_path / 'repo'}", {})
+    repo.cli("volume", "import", "x", str(img))
+    img.unlink()
+    repo.cli("snapshot", "create", "x@s1")
+    bid = repo.backup("x@s1")["id"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    info = json.loads(repo.cli("mount", bid, str(mnt), "--json").stdout)
+    try:
+        assert info["fstype"] == "xfs" and tree(mnt) == tree(files)
+    finally:
+        repo.cli("umount", str(mnt))
+    res = json.loads(repo.cli("drill", bid, "--check", "fsck", "--json").stdout)
+    assert res["ok"] and res["fstype"] == "xfs" and res["checks"][0]["summary"] == "clean", res
+    assert_nothing_left(runtime_dir, mnt, res["work_dir"])

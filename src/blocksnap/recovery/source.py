@@ -29,6 +29,7 @@ from ..errors import CorruptionError
 
 DEFAULT_CACHE = 512 << 20
 READAHEAD = 8            # chunks after a missed one, adjacent in its pack, fetched in the same GET
+                         # when reads go forward (a sequential scan: one request per 8 chunks)
 O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 
@@ -128,6 +129,7 @@ class BlockSource:
                                   f"(the first: chunk {self.ids[gone[0]].tobytes().hex()} at image offset "
                                   f"{n * self.chunk_size}); run `blocksnap verify`")
         self._pending: dict[int, _Pending] = {}
+        self._last = -2                 # the last row read: readahead follows sequential reads only
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
         self.fetched_bytes = 0
@@ -195,7 +197,10 @@ class BlockSource:
                 else:
                     self._pending[r] = _Pending()
                     mine.append(r)
-            extra = self._readahead(mine)
+            # read ahead only when reads go forward: a random read fetches its chunk alone
+            sequential = bool(rows) and (rows[0] - 1 == self._last or rows[0] == self._last)
+            self._last = rows[-1] if rows else self._last
+            extra = self._readahead(mine) if sequential else []
             for r in extra:
                 self._pending[r] = _Pending()
         got: dict[int, bytes | CorruptionError] = {}
