@@ -186,3 +186,20 @@ def test_xfs_mount_and_drill(tmp_path, runtime_dir):
     res = json.loads(repo.cli("drill", bid, "--check", "fsck", "--json").stdout)
     assert res["ok"] and res["fstype"] == "xfs" and res["checks"][0]["summary"] == "clean", res
     assert_nothing_left(runtime_dir, mnt, res["work_dir"])
+
+
+def test_run_drill_api(local_backup, runtime_dir):
+    """The function the policy agent calls: a dict back, progress reported, recorded."""
+    from blocksnap.backup.repo import Repository
+    from blocksnap.recovery.drill import drill_results, run_drill
+    b = local_backup
+    repo, _ = Repository.open(b.repo.url, lambda new: b"correct horse")
+    steps = []
+    res = run_drill(repo, b.id[:12], ["fsck", "command:exit 3"], progress=lambda d, t: steps.append((d, t)))
+    assert not res["ok"] and res["rto_seconds"] is None and res["backup"] == b.id
+    assert res["error"] == "check command failed: exit 3" and [c["ok"] for c in res["checks"]] == [True, False]
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    res = run_drill(repo, b.id, ["fsck"])
+    assert res["ok"] and res["rto_seconds"] > 0 and res["checks"][0]["summary"] == "clean"
+    assert [d["ok"] for d in drill_results(repo)] == [False, True]
+    assert_nothing_left(runtime_dir, res["work_dir"])

@@ -8,7 +8,7 @@ passed: what a recovery from this backup, with these checks as its acceptance
 test, would have taken. A chunk found damaged on the way fails the drill with
 the chunk, its pack and its offset named, even when the check itself passed.
 
-The result is sealed into the repository as `drills/<backup id>-<UTC time>`, so
+The result is sealed into the repository as `drills/<backup id>-<UTC time>-<random>`, so
 `drill_results` on any host with the password sees it. Everything the drill made
 (the mount, the loop device, the FUSE mount, servers it started, the work
 directory) is written down in its state directory before it is made, and undone
@@ -187,7 +187,8 @@ def _drill(repo: Repository, m, specs: list[dict], result: dict, t0: float, prog
 
 # -- results in the repository ----------------------------------------------------------
 def save_result(repo: Repository, result: dict) -> str:
-    key = f"{PREFIX}/{result['backup']}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(result['time']))}"
+    when = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(result["time"]))
+    key = f"{PREFIX}/{result['backup']}-{when}-{os.urandom(3).hex()}"   # two drills in one second: two records
     body = json.dumps(result, sort_keys=True, default=str).encode()
     repo.backend.put(key, repo.keys.seal(body, key.encode()))
     result["key"] = key
