@@ -88,3 +88,26 @@ def test_one_agent_per_pool(tmp_path: Path):
     bad.write_text("[[volume]]\nmatch = 3\n")
     res = run_cli(pool, "agent", "--policy", bad, "--once")
     assert res.returncode == 1 and res.stderr.startswith(f"error: {bad}:2: ")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_agent_outlives_its_daemon(tmp_path: Path):
+    from blocksnap.service import daemon_spawn
+    pool = make_pool(tmp_path / "pool", {"vm1": 2 * M})
+    policy = write_policy(tmp_path, POLICY.replace('snapshot = { every = "1h" }', 'snapshot = { every = "2s" }'))
+    agent = start_agent(pool, policy, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: any(r["kind"] == "backup" and r["result"] == "ok" for r in jobs(pool)), what="a backup")
+        pid = daemon_spawn.status(str(pool))["pid"]
+        os.kill(pid, signal.SIGKILL)
+        before = len(jobs(pool))
+        # the agent starts the daemon again and goes on snapshotting
+        wait_for(lambda: (daemon_spawn.status(str(pool)) or {}).get("pid") not in (None, pid), what="a new daemon")
+        wait_for(lambda: len([r for r in jobs(pool) if r["result"] == "ok"]) > before + 1, what="jobs going on")
+        assert agent.poll() is None
+        assert "Traceback" not in (tmp_path / "agent.log").read_text()
+    finally:
+        if agent.poll() is None:
+            kill9(agent)
+        stop_daemon(pool)

@@ -92,7 +92,14 @@ class Agent:
             self.publisher = _publisher(self)
             while not self.stop_event.is_set():
                 self._maybe_reload()
-                started = self._tick()
+                try:
+                    started = self._tick()
+                except BlocksnapError as e:       # the daemon gone, the pool busy: say so, look again
+                    if self.once:
+                        raise
+                    log.error("%s; trying again in %gs", e, self.policy.agent.tick)
+                    self._revive()
+                    started = 0
                 if self.once and not started and not self.running:
                     break
                 self.stop_event.wait(self._sleep())
@@ -104,6 +111,14 @@ class Agent:
                 self.publisher.close()
             lock.release()
         return 0
+
+    def _revive(self) -> None:
+        """The pool's daemon died under the agent: start it again (its own crash recovery runs)."""
+        from ..service import daemon_spawn
+        try:
+            daemon_spawn.ensure(self.pool)
+        except BlocksnapError as e:
+            log.error("cannot start the pool's daemon: %s", e)
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -145,6 +160,11 @@ class Agent:
         now = self.clock()
         self.heartbeat = now
         self._reap()
+        if not self.once:
+            from ..service import daemon_spawn
+            if daemon_spawn.status(self.pool) is None:
+                log.error("the pool's daemon is not running: starting it")
+                self._revive()
         _st, facts, _summary = gather_facts(self.pool)
         started = 0
         limit = self.policy.agent.parallel if not self.once else 1
@@ -191,6 +211,12 @@ class Agent:
 
     # -- one job -----------------------------------------------------------
     def _job(self, d: Due, facts: schedule.VolumeFacts) -> None:
+        try:
+            self._run_job(d, facts)
+        except BlocksnapError as e:      # the history itself unreachable (the daemon died): one line
+            log.error("%s: %s (the next agent records it as interrupted)", _what(d), e)
+
+    def _run_job(self, d: Due, facts: schedule.VolumeFacts) -> None:
         env = jobs.JobEnv(self.pool, self.policy, self.settings, in_use=self.in_use)
         started = self.clock()
         info: dict[str, Any] = {"mode": d.mode, "reason": d.reason}
