@@ -183,6 +183,9 @@ def test_bad_inputs(local_backup, runtime_dir, tmp_path):
         assert_cli_error(b.cli("mount", b.id, str(other), "--image-only", "--cache", "1K", check=False), 1,
                          "--cache")
         assert_cli_error(b.cli("mount", "v@s1", str(other), "--repo", b.repo.url, check=False), 1, "snapshot")
+        with open(mnt / "hello.txt") as busy:
+            assert_cli_error(b.cli("umount", str(mnt), check=False), 5, "busy")
+            assert busy.read() == "hello from the backup\n"       # refused: nothing was taken down
     finally:
         b.cli("umount", str(mnt))
     assert_nothing_left(runtime_dir, mnt)

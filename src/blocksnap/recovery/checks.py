@@ -87,8 +87,8 @@ class Bringup:
             res = _run(["mount", "-o", opts] + (["-t", self.fstype] if self.fstype else [])
                        + [self.device, str(self.fs_dir)])
             if res.returncode != 0:
-                raise CheckFailed(f"cannot mount {self.device} ({self.fstype or 'no filesystem found'}): "
-                                  f"{_text(res).strip().splitlines()[-1:] or ''}")
+                last = (_text(res).strip().splitlines() or [f"exit {res.returncode}"])[-1]
+                raise CheckFailed(f"cannot mount {self.device} ({self.fstype or 'no filesystem found'}): {last}")
             self.mounted = True
         return self.fs_dir
 

@@ -215,7 +215,8 @@ def _error_class(name: str | None) -> type[BlocksnapError]:
 
 # -- mount and unmount ---------------------------------------------------------------
 def check_directory(directory: str, settings: Settings | None = None) -> str:
-    """The directory's real path; refuses what is not an empty-enough directory or is mounted."""
+    """The directory's real path; refuses what is missing, not a directory, already a
+    mountpoint, or already registered for a backup mount or drill."""
     if not os.path.exists(directory):
         raise NotFound(f"{directory}: no such directory")
     if not os.path.isdir(directory):

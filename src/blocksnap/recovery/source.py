@@ -89,6 +89,11 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def __contains__(self, cid: bytes) -> bool:
+        """Whether it is cached, without counting a hit or touching its age."""
+        with self._lock:
+            return cid in self._lru
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -242,7 +247,7 @@ class BlockSource:
                 if (n in want or n in self._pending or self.pack_no[n] != self.pack_no[n - 1]
                         or int(self.offs[n]) != int(self.offs[n - 1]) + int(self.lens[n - 1])):
                     break
-                if self.cache is not None and self.cache.get(self.ids[n].tobytes()) is not None:
+                if self.cache is not None and self.ids[n].tobytes() in self.cache:
                     break
                 want.add(n)
                 extra.append(n)
