@@ -22,6 +22,7 @@ from blocksnap.backup.repo import Repository
 from tests.conftest import assert_cli_error, run_cli
 
 from .conftest import S3_ENV, M, Side, export, side
+from .test_radosgw import bucket, ceph  # noqa: F401 - the fixtures: a throwaway Ceph cluster, a bucket
 from .test_resume import big  # noqa: F401 - the fixture: v@big, 80 MiB of random data
 
 
@@ -207,3 +208,30 @@ def test_backup_keeps_its_command_line_beside_copy(src: Path, tmp_path: Path):
     assert "--mode" in cli(src, "backup", "v@s3", "--help").stdout
     assert_cli_error(cli(src, "backup", check=False), 2, "VOLUME@NAME")
     assert_cli_error(cli(src, "backup", "nosuch@x", *a.repo_args(), check=False), 3, "no snapshot")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_copy_to_and_from_radosgw(ceph, bucket: str, src: Path, tmp_path: Path):  # noqa: F811
+    """The same through a real S3 server: file:// -> radosgw -> file://, restored bit
+    for bit at each end, and a prune on radosgw (its batched DeleteObjects)."""
+    creds = {"AWS_ACCESS_KEY_ID": ceph.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": ceph.SECRET_KEY}
+    a = side("file", tmp_path, "a", "pw-a")
+    (tmp_path / "rgw.pass").write_text("pw-rgw")
+    g = Side(f"s3://{bucket}/copy", tmp_path / "rgw.pass", ceph.endpoint)
+    c = side("file", tmp_path, "c", "pw-c")
+    made = [m["id"] for m in backup_all(src, a)]
+
+    def run(*args: str) -> dict:
+        return json.loads(cli(src, *args, "--json", env=creds).stdout)
+
+    assert run("backup", "copy", "--all", *a.args("from"), *g.args("to"))["copied"] == made
+    assert run("backup", "copy", made[2], *g.args("from"), *c.args("to"))["copied"] == [made[2]]
+    for s in (g, c):
+        out = tmp_path / "r.raw"
+        cli(src, "restore", made[2], str(out), *s.repo_args(), "--verify", env=creds)
+        assert out.read_bytes() == export(src, "v@s3", tmp_path / "e")
+        out.unlink()
+    got = run("prune", "--keep-last", "1", *g.repo_args())
+    assert got["removed"] == made[:2]
+    assert run("verify", "--read-data", *g.repo_args())["problems"] == []

@@ -297,7 +297,7 @@ def test_verify_finds_missing_short_and_damaged_packs_behind_a_merged_index(loca
     (root / "data" / packs[0]).unlink()
     short = root / "data" / packs[1]
     short.write_bytes(short.read_bytes()[:-10])
-    res = r.cli("verify", check=False)
+    res = r.cli("verify", "--list-packs", check=False)
     assert res.returncode != 0
     assert f"pack {packs[0]} is missing" in res.stdout and f"pack {packs[1]} is cut short" in res.stdout
     merged = root / "index" / index_names(repo)[0][0]

@@ -9,10 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Protocol
 from urllib.parse import urlparse
 
 from ..errors import BlocksnapError, InvalidArgument, NotFound
+
+HEX = "0123456789abcdef"
+LISTERS = 16           # shard listings at once (S3)
+DELETE_BATCH = 1000    # keys in one S3 DeleteObjects request (S3's limit)
 
 
 class RepoError(BlocksnapError):
@@ -35,7 +40,9 @@ class Backend(Protocol):
     def get(self, key: str) -> bytes: ...
     def get_range(self, key: str, offset: int, length: int) -> bytes: ...   # shorter at the end
     def list(self, prefix: str) -> dict[str, int]: ...   # key -> size
+    def list_hex(self, prefix: str) -> dict[str, int]: ...   # the same, for names that start with a hex digit
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: Iterable[str]) -> None: ...   # all gone (and durable) when it returns
     def sweep(self) -> int: ...   # remove what interrupted writes left (prune, alone)
 
 
@@ -109,12 +116,20 @@ class LocalBackend:
             out[f"{prefix.rstrip('/')}/{name}"] = st.st_size
         return out
 
+    def list_hex(self, prefix: str) -> dict[str, int]:
+        return {k: n for k, n in self.list(prefix).items() if k.rsplit("/", 1)[1][:1] in HEX}
+
     def delete(self, key: str) -> None:
         """Durable when it returns: prune's order of deletions must survive a power cut."""
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             _fsync_dir(os.path.dirname(path))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """One at a time, each durable (local deletes cost no round trip)."""
+        for key in keys:
+            self.delete(key)
 
     def sweep(self) -> int:
         n = 0
@@ -151,7 +166,8 @@ class S3Backend:
             # first, so a long-running process (tests, the agent) would use stale ones
             self.s3 = boto3.session.Session().client("s3", endpoint_url=endpoint,
                                                      config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                                                                   connect_timeout=10, read_timeout=60, **extra))
+                                                                   connect_timeout=10, read_timeout=60,
+                                                                   max_pool_connections=LISTERS + 4, **extra))
         except ValueError as e:     # a malformed --endpoint
             raise InvalidArgument(f"invalid S3 endpoint {endpoint!r}: {e}") from None
 
@@ -205,12 +221,13 @@ class S3Backend:
         except Exception as e:  # noqa: BLE001 - a connection cut mid-body
             raise RepoError(f"{self.url}: reading {key} failed: {e}") from None
 
-    def list(self, prefix: str) -> dict[str, int]:
+    def list(self, prefix: str, start: str = "") -> dict[str, int]:
+        """Every key under prefix/ (whose name starts with `start`): one request a 1,000."""
         out: dict[str, int] = {}
         token = None
         full = self._key(prefix.rstrip("/")) + "/"
         while True:
-            kw = {"Prefix": full, **({"ContinuationToken": token} if token else {})}
+            kw = {"Prefix": full + start, **({"ContinuationToken": token} if token else {})}
             res = self._call(f"listing {prefix}", self.s3.list_objects_v2, **kw)
             for obj in res.get("Contents", []):
                 out[prefix.rstrip("/") + "/" + obj["Key"][len(full):]] = int(obj["Size"])
@@ -218,8 +235,30 @@ class S3Backend:
                 return out
             token = res["NextContinuationToken"]
 
+    def list_hex(self, prefix: str) -> dict[str, int]:
+        """Names that start with a hex digit (packs), listed by first digit on
+        LISTERS threads: one after another, 20,000 packs are 20 requests in a row."""
+        out: dict[str, int] = {}
+        with ThreadPoolExecutor(max_workers=LISTERS, thread_name_prefix="s3-list") as pool:
+            for part in pool.map(lambda c: self.list(prefix, c), HEX):
+                out.update(part)
+        return out
+
     def delete(self, key: str) -> None:
         self._call(f"deleting {key}", self.s3.delete_object, Key=self._key(key))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """DeleteObjects, DELETE_BATCH keys a request; a key it could not delete fails it."""
+        keys = list(keys)
+        for i in range(0, len(keys), DELETE_BATCH):
+            batch = keys[i:i + DELETE_BATCH]
+            res = self._call(f"deleting {len(batch)} objects", self.s3.delete_objects,
+                             Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+            errors = res.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise RepoError(f"{self.url}: deleting {e.get('Key')} failed: {e.get('Code')} "
+                                f"({len(errors)} of {len(batch)} not deleted)")
 
     def sweep(self) -> int:
         return 0   # an S3 PUT is whole or absent: nothing half-written to remove

@@ -229,9 +229,10 @@ def record_reads(repo: Repository, sizes: dict[str, int], results: dict[str, boo
 def verify_slice(repo: Repository, budget_bytes: int, cycle_seconds: float, now: float | None = None,
                  progress: Progress = None) -> dict[str, Any]:
     """Read back up to `budget_bytes` of packs, those never read or read longest ago
-    first, record it, and report coverage over `cycle_seconds`. Also checks, as
-    `verify` does, that every indexed pack is there and long enough (not the
-    manifests: `verify` does that)."""
+    first, record it, and report coverage over `cycle_seconds`. The packs and their
+    sizes are the indexes' (nothing is listed); a pack missing or cut short is found
+    when its turn comes. Index objects are checked as `verify` does; manifests are not
+    read (`verify` does that)."""
     from .maintain import pack_checks  # (maintain uses this module for verify --read-data)
     _check(cycle_seconds, budget_bytes)
     now = time.time() if now is None else now

@@ -169,6 +169,8 @@ def backups(settings: Settings, volume: str | None, repo_url: str, endpoint: str
 @click.command("verify")
 @repo_options
 @click.option("--read-data", is_flag=True, help="Also download, decrypt and check every chunk.")
+@click.option("--list-packs", is_flag=True, help="Also list every pack to check that each one an index names "
+                                                 "is there and whole (--read-data does it too).")
 @click.option("--budget", metavar="SIZE", help="Also read back this many bytes of packs: those never read, "
                                                "then those read longest ago (run it daily).")
 @click.option("--cycle", metavar="DURATION", help="With --budget: every pack should be read within this "
@@ -176,8 +178,10 @@ def backups(settings: Settings, volume: str | None, repo_url: str, endpoint: str
 @json_option
 @pass_settings
 def verify(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None,
-           read_data: bool, budget: str | None, cycle: str | None, as_json: bool) -> None:
-    """Check that every backup in a repository can be restored."""
+           read_data: bool, list_packs: bool, budget: str | None, cycle: str | None, as_json: bool) -> None:
+    """Check that every backup in a repository can be restored: its manifest opens and
+    every chunk it names is indexed (the indexes say which packs exist; --list-packs
+    checks them against the storage, --read-data and --budget read them back)."""
     from ..backup.coverage import DEFAULT_CYCLE
     from ..backup.maintain import verify as _verify
     from ..retention import parse_duration
@@ -189,7 +193,7 @@ def verify(settings: Settings, repo_url: str, endpoint: str | None, password_fil
     seconds = parse_duration(cycle) if cycle is not None else DEFAULT_CYCLE
     repo, _ = _open(settings, repo_url, endpoint, password_file)
     with progress_bar(settings, "verify") as prog:
-        res = _verify(repo, read_data, prog, nbytes, seconds)
+        res = _verify(repo, read_data, prog, nbytes, seconds, list_packs=list_packs)
     read = f", {res['chunks_read']} read back" if read_data or nbytes is not None else ""
     found = f"{len(res['problems'])} problems" if res["problems"] else "no problems"
     text = f"{res['backups']} backups, {res['packs']} packs, {res['chunks']} chunks{read}: {found}"
