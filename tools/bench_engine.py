@@ -5,8 +5,10 @@
   write throughput: engine vs plain pwrite+fsync on a file in the same directory
   COW: bytes copied per overwritten block with 50 snapshots
   ROW vs COW: cost of the first and the second overwrite after a snapshot
+  many snapshots: random 64 KiB writes on an 8 GiB ROW volume after 3 vs 300
+    snapshots, each taken after a batch of such writes (--only many-snapshots)
 
-Usage: python tools/bench_engine.py [--dir DIR] [--mib 256] [--json]
+Usage: python tools/bench_engine.py [--dir DIR] [--mib 256] [--json] [--only many-snapshots]
 """
 from __future__ import annotations
 
@@ -183,19 +185,59 @@ def bench_overwrite(root: str, mib: int) -> dict:
     return out
 
 
+def bench_many_snapshots(root: str, counts=(3, 300), writes: int = 4096, per_snap: int = 64,
+                         rounds: int = 3) -> dict:
+    """Time of `writes` random 64 KiB writes (then a flush) on an 8 GiB ROW volume
+    that has `count` snapshots, each taken after `per_snap` such writes (so the
+    snapshots' maps differ, as daily snapshots of a busy disk do). The volume's data
+    is the same size for every count; median of `rounds` timed passes, each on
+    blocks none of the snapshots shares any more after the first pass."""
+    import random
+    bs, size = 64 << 10, 8 << 30
+    nb = size // bs
+    out = {}
+    for count in counts:
+        rng = random.Random(5)
+        with blocksnap.Pool.create(os.path.join(root, f"p-snaps-{count}"), size=size * 2) as pool:
+            v = pool.create_volume("v", size=size, block_size=bs)
+            data = os.urandom(bs)
+            for i in range(count):
+                for _ in range(per_snap):
+                    v.write(rng.randrange(nb) * bs, data)
+                v.snapshot(f"s{i}")
+            times = []
+            for _ in range(rounds):
+                offs = [rng.randrange(nb) * bs for _ in range(writes)]
+
+                def go(offs=offs, v=v, data=data):
+                    for o in offs:
+                        v.write(o, data)
+                    v.flush()
+                times.append(timed(go))
+            out[f"writes_{count}_snapshots_s"] = statistics.median(times)
+        shutil.rmtree(os.path.join(root, f"p-snaps-{count}"), ignore_errors=True)
+    lo, hi = min(counts), max(counts)
+    out[f"ratio_{hi}_over_{lo}_snapshots"] = out[f"writes_{hi}_snapshots_s"] / out[f"writes_{lo}_snapshots_s"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /var/tmp)")
     ap.add_argument("--mib", type=int, default=256, help="data size for throughput runs")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", choices=["many-snapshots"], help="run just this part")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="bench-engine-", dir=args.dir or "/var/tmp")
     try:
         res = {}
-        for part in (lambda: bench_snapshot_size(root), lambda: bench_qcow2_snapshot_size(root),
-                     lambda: bench_snapshot_count(root),
-                     lambda: bench_write(root, args.mib), lambda: bench_cow_copies(root),
-                     lambda: bench_overwrite(root, args.mib)):
+        parts = [lambda: bench_snapshot_size(root), lambda: bench_qcow2_snapshot_size(root),
+                 lambda: bench_snapshot_count(root),
+                 lambda: bench_write(root, args.mib), lambda: bench_cow_copies(root),
+                 lambda: bench_overwrite(root, args.mib), lambda: bench_many_snapshots(root)]
+        if args.only == "many-snapshots":
+            parts = parts[-1:]
+        for part in parts:
             res.update(part())
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,8 @@ export of a qcow2), row and cow (blocksnap volumes served by `blocksnap serve`).
 Needs root; pauses a VM's free page reporting while it runs (tools/steady_memory.py).
 Usage: tools/bench_fuse.py [--size 512M] [--json] [--targets raw,qsd,row,cow]
   [--baseline GITREF --targets qsd,row,row-base]  (an older commit side by side, same run)
+  tools/bench_fuse.py --random [--size 1G] [--runtime 8] [--columns w4k-qd16-j1,...]
+  [--targets raw,qsd,row,row-snap,cow-snap]  (fio random I/O: tools/bench_random.py)
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ def _qsd(img: str, export: str) -> Iterator[None]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"qemu-storage-daemon failed: {proc.stderr.read().decode()}")
             time.sleep(0.05)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(20)
@@ -245,9 +247,24 @@ def main() -> None:
     ap.add_argument("--keep-page-reporting", action="store_true",
                     help="leave a VM's free page reporting on (see tools/steady_memory.py)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--random", action="store_true", help="fio random I/O columns (tools/bench_random.py)")
+    ap.add_argument("--runtime", type=float, default=8.0, help="--random: seconds per fio column")
+    ap.add_argument("--columns", default="", help="--random: the columns to run (default all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (loop devices, drop_caches)")
+    if args.random:
+        import bench_random
+
+        def memory() -> contextlib.AbstractContextManager:
+            return (contextlib.nullcontext() if args.keep_page_reporting
+                    else steady_memory(12 << 30, quiet=args.json))
+        bench_random.main(args, {
+            "sh": sh, "loop": loop, "qsd": _qsd, "blocksnap": blocksnap, "drop_caches": drop_caches,
+            "parse_size": parse_size, "format_size": format_size, "make_source": make_source,
+            "memory": memory, "mkdtemp": lambda: tempfile.mkdtemp(prefix="bench-rand-", dir=args.dir or "/var/tmp"),
+            "mkdtemp_shm": lambda: tempfile.mkdtemp(prefix="bench-rand-src-", dir="/dev/shm")})
+        return
     size = parse_size(args.size) // BS * BS
     names = [t for t in args.targets.split(",") if t]
     for t in names:

@@ -23,6 +23,7 @@ from ..store import FileStore, device_size, start_writeback
 from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
 from .check import check_pool
+from .inplace import InPlaceLog
 from .job_log import JobLog
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
 from .pages import PagePool
@@ -38,6 +39,7 @@ from .volumes import build_volume
 CATALOG = "catalog.db"
 DATA = "data"
 LOCK = "lock"
+INPLACE = "inplace"     # engine/inplace.py: regions written in place since a commit
 MIN_POOL_SIZE = 16 << 20
 
 
@@ -172,6 +174,8 @@ class Pool:
         for v in vrows:
             self._volumes[v.name] = build_volume(self, v, by_vol.get(v.name, []))
         self._dirty_volumes: set[str] = set()
+        self.inplace = InPlaceLog(os.path.join(self.path, INPLACE), FileStore)
+        self.reclaimed_on_open["rehashed_blocks"] = self.inplace.recover(self)
 
     # -- context manager ----------------------------------------------------
     def __enter__(self) -> "Pool":
@@ -186,6 +190,7 @@ class Pool:
                 return
             try:
                 self.commit()
+                self.inplace.committed(closing=True)
             finally:
                 self.abandon()
 
@@ -196,6 +201,8 @@ class Pool:
         for v in self._volumes.values():
             v._close()
         self.store.close()
+        if hasattr(self, "inplace"):
+            self.inplace.close()
         self.catalog.close()
         os.close(self._lockfd)
 
@@ -245,6 +252,7 @@ class Pool:
             self._dirty_volumes.clear()
             self.commit_epoch += 1
             self._quarantine.append((self.commit_epoch, self.space.take_pending()))
+            self.inplace.committed()
             self.partial.clear()
             self._release_quarantine()
 
@@ -466,6 +474,7 @@ class Pool:
                 "size": total, "used": used, "free": total - used,
                 "used_percent": round(100.0 * used / total, 2) if total else 0.0,
                 "host_allocated": self.store.allocated_bytes(),
+                "store_written": self.store.written,   # bytes written to the data store since open
                 "volumes": len(self._volumes),
                 "snapshots": sum(len(v.snapshot_rows) for v in self._volumes.values()),
                 "metadata_pages": int(self.pages.next_id - 1 - len(self.pages.free_ids)),

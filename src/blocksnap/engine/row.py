@@ -17,7 +17,7 @@ from .blockio import join_runs, read_buffer, read_stored
 from .catalog import SnapshotRow, VolumeRow
 from .layout import PAGE_ENTRIES
 from .radix import Tree, clear_range, levels_for
-from .row_write import whole_block_sums, write_blocks
+from .row_write import whole_block_sums, write_blocks, write_small
 from .volume_base import VolumeBase
 
 E = PAGE_ENTRIES
@@ -41,6 +41,14 @@ class RowVolume(VolumeBase):
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill `out` from `offset` (the FUSE read path: no allocation per request)."""
         self._read_tree(self._locate_live, offset, len(out), f" in volume {self.name}", out)
+
+    def mapped(self, first: int, count: int) -> np.ndarray:
+        """Which of blocks [first, first + count) the live map points at stored data
+        (False: a hole). Instant recovery fills only holes, deciding under its own lock."""
+        with self.pool.lock:
+            self._check()
+            ptrs, _ = self.pool.maps.get_range(self.tree, first, first + count)
+            return ptrs >= 2
 
     def _locate_live(self) -> tuple[Tree, int]:
         self._check()
@@ -87,7 +95,14 @@ class RowVolume(VolumeBase):
     # -- writing ------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
-        nz, sums = whole_block_sums(offset, data, self.block_size) if len(data) and offset >= 0 else (None, None)
+        bs = self.block_size
+        if 0 <= offset and 0 < len(data) <= bs and offset // bs == (offset + len(data) - 1) // bs:
+            with self.pool.lock:   # inside one block: in place if it may be (row_write.write_small)
+                self._check()
+                self._bounds(offset, len(data))
+                if write_small(self, offset, data):
+                    return
+        nz, sums = whole_block_sums(offset, data, bs) if len(data) and offset >= 0 else (None, None)
         with self.pool.lock:
             self._check()
             self._bounds(offset, len(data))

@@ -42,6 +42,7 @@ LIMIT = 8                # chunks queued per volume before writers wait
 IDLE = 0.0005            # seconds an open chunk waits for the next request
 LOW_WATER = 2 * CHUNK * LIMIT   # below this much free space beyond the queue: write through
 KICK = 32 << 20          # bytes written by the workers between two writeback starts
+SMALL = 128 << 10        # a request up to this size that continues nothing queued is written inline
 
 
 def _address(view: memoryview) -> int:
@@ -174,6 +175,7 @@ class VolumeQueue:
         self.error: BaseException | None = None
         self.closed = False
         self.delay = self.default_delay if delay is None else delay
+        self.last_end = -1                    # where the last request ended (sequential runs)
         self.thread = threading.Thread(target=self._work, name=f"write-behind {vol.name}", daemon=True)
         self.thread.start()
 
@@ -188,16 +190,23 @@ class VolumeQueue:
             if self.error is not None:   # (a fresh traceback each time: it would grow)
                 raise self.error.with_traceback(None)
             chunk = None
-            full = False
+            full = inline = False
             if queue and not self.closed and len(data) <= CHUNK - ALIGN:   # (fits any chunk)
                 full = not self.space.reserve(need)
-                chunk = None if full else self._chunk_for(offset, end)
+                if not full and len(data) <= SMALL and not self._joins(offset, end):
+                    inline = True   # random small writes: a chunk each would be a queue of one
+                else:
+                    chunk = None if full else self._chunk_for(offset, end)
                 if chunk is not None:
                     chunk.writers += 1
                     chunk.add_run(offset, end)
                     chunk.reserved += need
-                elif not full:
+                elif not full and not inline:
                     self.space.release(need)   # closed meanwhile
+            self.last_end = end
+        if inline:
+            self._write_inline(offset, data, need)
+            return
         if chunk is None:
             if queue or self.overlaps(offset, end):
                 self.drain()   # (nearly full: all of it, so ENOSPC is judged on the real figure)
@@ -213,6 +222,25 @@ class VolumeQueue:
             with self.cond:
                 chunk.writers -= 1
                 self.cond.notify_all()
+
+    def _joins(self, offset: int, end: int) -> bool:
+        """Does the request continue queued data: inside the open chunk, or where
+        the previous request ended (a sequential writer of small requests)?"""
+        return offset == self.last_end or bool(self.chunks and self.chunks[-1].fits(offset, end))
+
+    def _write_inline(self, offset: int, data: memoryview, need: int) -> None:
+        """A small write that continues nothing queued goes to the engine from this
+        thread, after the queued writes it overlaps (several FUSE threads write in
+        parallel: only the engine's lock orders them). Its space was reserved, so
+        queued writes keep theirs; an error reaches this writer."""
+        try:
+            if self.overlaps(offset, offset + len(data)):
+                self.drain()
+            self.vol.write(offset, data)
+        finally:
+            self.space.release(need)
+        if self.writeback is not None:
+            self.writeback.wrote(len(data))
 
     def _chunk_for(self, offset: int, end: int) -> _Chunk | None:
         """The open chunk if the request fits it, else a new one (waiting for room);

@@ -258,7 +258,87 @@ static PyObject *read_blocks(PyObject *self, PyObject *args)
     return result;
 }
 
+/* merge_write: see the module docstring of filestore.FileStore.merge_write. */
+static int all_zero(const char *p, size_t n)
+{
+    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
+}
+
+static int write_full(int fd, const char *src, size_t len, off_t pos)
+{
+    while (len) {
+        ssize_t n = pwrite(fd, src, len, pos);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        src += n;
+        len -= (size_t)n;
+        pos += n;
+    }
+    return 0;
+}
+
+static PyObject *merge_write(PyObject *self, PyObject *args)
+{
+    int fd, have;
+    long long pos;
+    Py_ssize_t lo;
+    unsigned long long old_sum;
+    PyObject *data_obj, *buf_obj;
+    Py_buffer data, buf;
+    if (!PyArg_ParseTuple(args, "iLnOOpK", &fd, &pos, &lo, &data_obj, &buf_obj, &have, &old_sum))
+        return NULL;
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(buf_obj, &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (pos < 0 || lo < 0 || data.len <= 0 || lo + data.len > buf.len) {
+        PyErr_SetString(PyExc_ValueError, "the write must fall inside the block");
+    } else {
+        int err = 0, status = 0, werr = 0;
+        uint64_t sum = 0;
+        char *b = (char *)buf.buf;
+        size_t bs = (size_t)buf.len, l = (size_t)lo, h = (size_t)(lo + data.len);
+        Py_BEGIN_ALLOW_THREADS
+        if (!have && (l || h < bs)) {   /* (a whole block needs nothing of the old one) */
+            err = read_full(fd, b, bs, (off_t)pos);
+            if (!err && xxh3(b, bs) != old_sum)
+                status = 1;
+        }
+        if (!err && !status && all_zero(data.buf, (size_t)data.len) && all_zero(b, l) && all_zero(b + h, bs - h))
+            status = 2;
+        if (!err && !status) {
+            memcpy(b + l, data.buf, (size_t)data.len);
+            werr = write_full(fd, (const char *)data.buf, (size_t)data.len, (off_t)pos + (off_t)l);
+            if (werr)
+                status = 3;   /* the write failed part way, or not: the caller re-reads */
+            sum = werr ? (uint64_t)werr : xxh3(b, bs);
+        }
+        Py_END_ALLOW_THREADS
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        } else {
+            result = Py_BuildValue("iK", status, (unsigned long long)sum);
+        }
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"merge_write", merge_write, METH_VARARGS,
+     "merge_write(fd, pos, lo, data, block, have, old_sum) -> (status, new_sum):"
+     " block (the stored block at byte pos, read and checked against old_sum unless have)"
+     " gets data at lo, and only data is written; status 0 done, 1 the block failed its"
+     " checksum, 2 the block would be all zeros (nothing written either way), 3 the write"
+     " failed (new_sum is then its errno)"},
     {"read_blocks", read_blocks, METH_VARARGS,
      "read_blocks(fd, ptrs, sums, block_size, unit, out, verify, zero_holes[, skip, length])"
      " -> first bad block or -1"},

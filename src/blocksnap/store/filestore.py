@@ -32,6 +32,15 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, 
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+class WriteFailed(Exception):
+    """merge_write's write failed after it began (the block may hold part of the
+    new bytes): `error` is what the writer gets."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 def device_size(path: str) -> int:
     """Size in bytes of a regular file or a block device."""
     try:
@@ -70,7 +79,8 @@ class FileStore:
         if pure_python is None:
             pure_python = resolve(None).pure_python
         if pure_python:
-            self.read_mapped = None   # (hides the compiled method of the class)
+            self.read_mapped = None   # (hides the compiled methods of the class)
+            self.merge_write = None
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create_size is not None:
             flags |= os.O_CREAT
@@ -90,6 +100,7 @@ class FileStore:
         self.size = device_size(path) if self.is_device else os.fstat(self.fd).st_size
         self._closed = False
         self._lock = threading.Lock()
+        self.written = 0   # bytes written through pwritev (write amplification: pool status)
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read exactly `length` bytes; past the end of a file reads zeros."""
@@ -119,6 +130,27 @@ class FileStore:
     else:
         read_mapped = None  # engine.blockio reads with preadinto instead
 
+    if _blockread is not None:
+        def merge_write(self, pos: int, lo: int, data, block, have: bool, old_sum: int) -> tuple[int, int]:
+            """A small write into the stored block at byte `pos`, in place, in one call
+            without the GIL: `block` (a block-sized buffer) is read and checked against
+            `old_sum` unless `have` (it holds the block already), gets `data` at `lo`,
+            and only `data` is written. Returns (status, xxh3 of the merged block):
+            status 0 written, 1 the stored block failed its checksum, 2 the merged
+            block would be all zeros (nothing written in either case). A failed
+            write raises WriteFailed (it may have written part of `data`); a failed
+            read, OSError."""
+            status, new = _blockread.merge_write(self.fd, pos, lo, data, block, have, old_sum)
+            if status == 3:
+                if new in (errno.ENOSPC, errno.EDQUOT):
+                    raise WriteFailed(OutOfSpace(f"{self.path}: no space left on the device holding it"))
+                raise WriteFailed(OSError(new, os.strerror(new)))
+            if not status:
+                self.written += len(data)
+            return status, new
+    else:
+        merge_write = None  # engine.row_write merges in Python instead
+
     def pwrite(self, data: bytes | memoryview | bytearray, offset: int) -> None:
         self.pwritev([data], offset)
 
@@ -130,6 +162,7 @@ class FileStore:
             while views:
                 n = os.pwritev(self.fd, views, offset)
                 offset += n
+                self.written += n   # (racy += between threads only blurs a statistic)
                 while views and n >= len(views[0]):
                     n -= len(views[0])
                     views.pop(0)
