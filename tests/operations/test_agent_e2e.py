@@ -122,6 +122,8 @@ def test_agent_protects_copies_verifies_alerts_and_reports(tmp_path: Path, s3_se
         st = json.loads(run_cli(pool, "status", "--policy", policy, "--json", env=S3_ENV, check=True).stdout)
         vm1 = next(v for v in st["volumes"] if v["volume"] == "vm1")
         assert (vm1["copies_ok"], vm1["media"], vm1["offsite"], vm1["rule_321_met"]) == (3, 2, 1, True)
+        rto = vm1["rto_expected"]              # cold: the backup's data at the rate verification read it
+        assert rto["bytes"] >= 6 * M and rto["rate"] > 0 and rto["cold"] == pytest.approx(rto["bytes"] / rto["rate"])
         res = run_cli(pool, "status", "--policy", policy, "--check", env=S3_ENV)
         assert res.returncode == 12 and "JOB FAILED" in res.stdout     # vm2's backup
         # the S3 repository alone knows this host, its volume and the agent's heartbeat

@@ -30,6 +30,7 @@ def volume_rows(rep: Report) -> list[dict[str, str]]:
             "next": f"{nxt[0]} {_when(nxt[1])}" if nxt else "-",
             "drill": ("-" if v.drill.ok is None else ("ok" if v.drill.ok else "FAILED"))
                      + (f" rto {v.drill.rto_seconds:.0f}s" if v.drill.rto_seconds else ""),
+            "rto hot/cold": "/".join(format_duration(v.rto_expected.get(k)) for k in ("hot", "cold")),
             "failed": ", ".join(f"{j.kind}{':' + j.target if j.target else ''}" for j in failed) or "-",
         })
     return rows

@@ -37,7 +37,7 @@ def read_repository(repo: Repository, cycle: float | None, now: float) -> RepoVi
                            verify_cycle=cycle)
     try:
         r = open_repository(repo)
-        infos = [m.info for m in r.manifests()]
+        infos = [dict(m.info, data_bytes=m.stored * int(m.info.get("chunk_size", 0))) for m in r.manifests()]
         rep.bytes = int(sum(r.backend.list("data").values()))
         if repo.quota:
             rep.used_ratio = rep.bytes / repo.quota
@@ -175,9 +175,41 @@ def build_report(pool: str, policy: Policy | None, now: float | None = None, cac
         for d in plan:
             if d.volume == f.name and math.isfinite(d.at):
                 vr.next_runs[f"{d.kind}:{d.target}" if d.target else d.kind] = d.at
-        vr.rto_expected = {"drill": vr.drill.rto_seconds}
+        vr.rto_expected = expected_rto(vr, views, summary, host, pool_abs)
         report.volumes.append(vr)
     return report
+
+
+def _throughput(summary: list[dict[str, Any]], repository: str) -> float | None:
+    """Bytes a second the repository was last read at: its last verification read its
+    packs (download, decrypt, check: a restore's work but the write), else None."""
+    for s in summary:
+        ok = s.get("last_success")
+        if s["kind"] == "verify" and s["target"] == repository and ok and ok["bytes_read"] and ok["ended"]:
+            return ok["bytes_read"] / max(ok["ended"] - ok["started"], 1e-3)
+    return None
+
+
+def expected_rto(vr: VolumeReport, views: dict[str, RepoView], summary: list[dict[str, Any]], host: str,
+                 pool: str) -> dict[str, float | None]:
+    """The time a recovery of the newest backup would take (docs/operations.md, "RTO"):
+    hot, the measured time of the last drill to a checked filesystem or database
+    straight from the backup (what instant recovery gives); warm (hydration done,
+    the volume in use from the hot time on) and cold (a full restore before anything
+    starts), the backup's data bytes at the repository's measured read rate: both
+    read every stored chunk once."""
+    newest: tuple[float, dict[str, Any], str] | None = None
+    for name, v in views.items():
+        for b in v.backups:
+            if (b.get("host"), b.get("pool"), b["source"]["volume"]) == (host, pool, vr.volume):
+                if newest is None or b["source"]["created"] > newest[0]:
+                    newest = (b["source"]["created"], b, name)
+    hot = vr.drill.rto_seconds if vr.drill.ok else None
+    if newest is None:
+        return {"hot": hot, "warm": None, "cold": None}
+    rate = _throughput(summary, newest[2])
+    cold = newest[1]["data_bytes"] / rate if rate else None
+    return {"hot": hot, "warm": cold, "cold": cold, "bytes": float(newest[1]["data_bytes"]), "rate": rate}
 
 
 STATE_FILE = "state.json"
