@@ -15,6 +15,14 @@ from tests.conftest import run_cli
 
 M = 1 << 20
 
+# the repository most agent tests back up into ({tmp} and {pw}: see write_policy)
+LOCAL_REPO = """\
+[[repository]]
+name = "local"
+url = "file://{tmp}/repo"
+password_file = "{pw}"
+"""
+
 
 def make_pool(path: Path, volumes: dict[str, int], seed: int = 1) -> Path:
     """A pool with ROW volumes of the given data sizes (random, incompressible)."""

@@ -14,13 +14,9 @@ from blocksnap.operations.agent import Agent
 from blocksnap.settings import Settings
 from tests.conftest import run_cli
 
-from .agent_env import M, jobs, kill9, make_pool, start_agent, stop_daemon, wait_for, write_policy
+from .agent_env import LOCAL_REPO, M, jobs, kill9, make_pool, start_agent, stop_daemon, wait_for, write_policy
 
-POLICY = """\
-[[repository]]
-name = "local"
-url = "file://{tmp}/repo"
-password_file = "{pw}"
+POLICY = LOCAL_REPO + """
 
 [[volume]]
 match = ["vm*"]

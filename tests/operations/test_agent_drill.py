@@ -11,13 +11,9 @@ import pytest
 
 from tests.conftest import run_cli
 
-from .agent_env import jobs, make_pool, write_policy
+from .agent_env import LOCAL_REPO, jobs, make_pool, write_policy
 
-POLICY = """\
-[[repository]]
-name = "local"
-url = "file://{tmp}/repo"
-password_file = "{pw}"
+POLICY = LOCAL_REPO + """
 
 [[volume]]
 match = ["fs", "junk"]

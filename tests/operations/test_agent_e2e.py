@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.backup.conftest import S3_ENV, s3_server  # noqa: F401 - the fixture, for this module
 from tests.conftest import run_cli
 
-from .agent_env import M, jobs, kill9, make_pool, start_agent, stop_daemon, wait_for, write_policy
+from .agent_env import LOCAL_REPO, M, jobs, kill9, make_pool, start_agent, stop_daemon, wait_for, write_policy
 
 
 def _free_port() -> int:
@@ -40,11 +40,7 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-POLICY = """\
-[[repository]]
-name = "local"
-url = "file://{tmp}/repo"
-password_file = "{pw}"
+POLICY = LOCAL_REPO + """
 
 [[repository]]
 name = "cloud"
