@@ -103,13 +103,17 @@ def test_window_closing_stops_the_backup_and_the_next_window_continues(tmp_path:
     policy = write_policy(tmp_path, POLICY.replace('every = "1h" }', f'every = "1h", window = "{start}-{end}" }}'))
     shift = [0.0]
     agent = Agent(str(pool), str(policy), Settings.from_env(), once=True, clock=lambda: time.time() + shift[0])
-    # cut the window short while the backup runs: the agent's clock jumps past its end
-    timer = threading.Timer(2.5, lambda: shift.__setitem__(0, 6 * 3600 + 60))
+    # cut the window short while the backup runs, once it has a checkpoint: the agent's
+    # clock jumps past the window's end
+    def close_window() -> None:
+        wait_for(lambda: any((tmp_path / "repo" / "checkpoints").glob("*")), what="a checkpoint")
+        shift[0] = 6 * 3600 + 60
+    timer = threading.Thread(target=close_window)
     timer.start()
     t = threading.Thread(target=agent.run)
     t.start()
     t.join(300)
-    timer.cancel()
+    timer.join(10)
     first = next(r for r in jobs(pool) if r["kind"] == "backup")
     assert first["result"] == "stopped" and "window" in first["error"], first
     # the next window (the clock back inside it): the same snapshot, only the rest stored
