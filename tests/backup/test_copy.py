@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 import blocksnap
+from blocksnap.backup.chunk_index import keys_of
 from blocksnap.backup.copy import PREFIX
 from blocksnap.backup.repo import Repository
+from blocksnap.errors import BlocksnapError
 from tests.conftest import assert_cli_error, run_cli
 
 from .conftest import S3_ENV, M, Side, export, side
@@ -235,3 +237,34 @@ def test_copy_to_and_from_radosgw(ceph, bucket: str, src: Path, tmp_path: Path):
     got = run("prune", "--keep-last", "1", *g.repo_args())
     assert got["removed"] == made[:2]
     assert run("verify", "--read-data", *g.repo_args())["problems"] == []
+
+
+def test_the_python_api_and_the_translation_folded(src: Path, tmp_path: Path, monkeypatch):
+    """copy_backups as the agent calls it; the translation objects folded into one
+    once there are more than MAP_MAX, and still used after."""
+    from blocksnap.backup import copy as copy_mod
+    monkeypatch.setattr(copy_mod, "MAP_MAX", 1)
+    a = side("file", tmp_path, "a", "pw-a")
+    made = [m["id"] for m in backup_all(src, a)]
+    ra = Repository.open(a.url, lambda _n: b"pw-a")[0]
+    rb = Repository.open(f"file://{tmp_path / 'b'}", lambda _n: b"pw-b", create=True)[0]
+    seen = []
+    res = copy_mod.copy_backups(ra, rb, made[:1], progress=lambda done, total: seen.append((done, total)))
+    assert res["copied"] == made[:1] and seen and seen[-1][0] == seen[-1][1] > 0
+    maps = tmp_path / "b" / PREFIX / ra.config["id"]
+    assert len(list(maps.iterdir())) == 1                    # one pack, one translation object
+    res = copy_mod.copy_backups(ra, rb, made[1:])
+    assert res["copied"] == made[1:] and len(list(maps.iterdir())) == 1   # folded
+    with pytest.raises(BlocksnapError, match="same repository"):
+        copy_mod.copy_backups(ra, Repository.open(a.url, lambda _n: b"pw-a")[0], None)
+    with pytest.raises(BlocksnapError, match="no backup"):
+        copy_mod.copy_backups(ra, rb, ["nosuch"])
+    # the folded map is enough: a fresh destination-side read knows every chunk of the source
+    rb.load_index()
+    ra.load_index()
+    idmap = copy_mod.IdMap(rb, ra.config["id"]).load()
+    for bid in made:
+        _, known = idmap.lookup(keys_of(ra.read_manifest(bid).ids))
+        assert known.all()
+    res = copy_mod.copy_backups(ra, rb, None)
+    assert res["skipped"] == made and res["bytes_fetched"] == 0
