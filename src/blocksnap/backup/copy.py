@@ -132,14 +132,16 @@ class IdMap:
         self.objects = []
 
 
-def select(src: Repository, ids: list[str] | None) -> list[Manifest]:
-    """The backups named (IDs or unique prefixes; None: all), oldest first, so that a
-    base is copied before the backups made on it. An unknown one fails before anything
-    is copied."""
-    if ids is None:
-        return src.manifests()
-    chosen = {m.id: m for m in (src.manifest(i) for i in ids)}
-    return sorted(chosen.values(), key=lambda m: (m.info["time"], m.id))
+def select(src: Repository, ids: list[str] | None, have: set[str]) -> tuple[list[Manifest], list[str]]:
+    """(the backups named to copy, oldest first, so that a base is copied before the
+    backups made on it; the IDs among them already in `have`). `ids` are IDs or
+    unique prefixes (None: all); an unknown one fails before anything is copied.
+    Only the manifests to copy are read (the agent names every backup of a volume
+    each time)."""
+    listed = src.backup_ids()
+    named = listed if ids is None else list(dict.fromkeys(src.resolve(i, listed) for i in ids))
+    todo = sorted((src.read_manifest(i) for i in named if i not in have), key=lambda m: (m.info["time"], m.id))
+    return todo, sorted(i for i in named if i in have)
 
 
 def copy_backups(src: Repository, dst: Repository, ids: list[str] | None,
@@ -151,11 +153,9 @@ def copy_backups(src: Repository, dst: Repository, ids: list[str] | None,
     if same_repository(src, dst):
         raise InvalidArgument(f"--from and --to are the same repository ({src.url}, id {src.config.get('id')})")
     with src.lock("copy-from"), dst.lock("copy-to"):   # a prune on either side would pull chunks away
-        wanted = select(src, ids)
         have = set(dst.backup_ids())
-        todo = [m for m in wanted if m.id not in have]
-        stats: dict[str, Any] = {"from": src.url, "to": dst.url, "copied": [], "skipped": [m.id for m in wanted
-                                                                                       if m.id in have],
+        todo, skipped = select(src, ids, have)
+        stats: dict[str, Any] = {"from": src.url, "to": dst.url, "copied": [], "skipped": skipped,
                                  "chunks_fetched": 0, "bytes_fetched": 0, "chunks_sent": 0, "bytes_sent": 0,
                                  "chunks_present": 0, "packs_written": 0}
         if not todo:

@@ -128,13 +128,18 @@ class Repository:
 
     def manifest(self, ident: str) -> Manifest:
         """A backup by its ID or a unique prefix of it."""
-        ids = self.backup_ids()
+        return self.read_manifest(self.resolve(ident))
+
+    def resolve(self, ident: str, ids: list[str] | None = None) -> str:
+        """The backup ID that `ident` (an ID or a unique prefix) names, among `ids`
+        (default: those listed now)."""
+        ids = self.backup_ids() if ids is None else ids
         hits = [i for i in ids if i == ident] or [i for i in ids if i.startswith(ident)]
         if not ident or not hits:
             raise NotFound(f"no backup {ident!r} in {self.url}")
         if len(hits) > 1:
             raise InvalidArgument(f"backup {ident!r} is ambiguous in {self.url}: {', '.join(hits[:4])}...")
-        return self.read_manifest(hits[0])
+        return hits[0]
 
     def read_manifest(self, bid: str) -> Manifest:
         what = f"{self.url}: backup {bid}"

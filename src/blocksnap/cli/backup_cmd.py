@@ -9,7 +9,7 @@ import time
 import click
 
 from ..errors import CorruptionError, InvalidArgument, NotFound
-from ..service.runner import call
+from ..service.runner import session
 from ..settings import PASSWORD_FILE_ENV, REPO_ENV, REPO_PASSWORD_ENV, S3_ENDPOINT_ENV
 from ..units import format_size, parse_size
 from .context import Settings, emit, json_option, pass_settings, table
@@ -102,24 +102,24 @@ def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, pa
     """Back a snapshot up into a repository (created on first use)."""
     from ..backup.make import make_backup
 
-    def snapshot_created(r: str) -> float | None:
-        try:
-            return call(settings.pool, "snapshot_show", ref=r)["created"]
-        except NotFound:
-            return None
+    with session(settings.pool) as pool:     # one opening of the pool (or the daemon) for all of it
+        def snapshot_created(r: str) -> float | None:
+            try:
+                return pool.call("snapshot_show", ref=r)["created"]
+            except NotFound:
+                return None
 
-    if snapshot_created(ref) is None:    # before a repository is made for nothing
-        raise NotFound(f"no snapshot {ref}")
-    repo, created = _open(settings, repo_url, endpoint, password_file, create=True)
-    if created and not settings.quiet:
-        click.echo(f"initialised the repository {repo_url}", err=True)
+        if snapshot_created(ref) is None:    # before a repository is made for nothing
+            raise NotFound(f"no snapshot {ref}")
+        repo, created = _open(settings, repo_url, endpoint, password_file, create=True)
+        if created and not settings.quiet:
+            click.echo(f"initialised the repository {repo_url}", err=True)
 
-    with progress_bar(settings, f"backup {ref}") as prog:
-        origin = {"host": socket.gethostname(), "pool": os.path.abspath(settings.pool)}
-        res = make_backup(repo, origin, ref, mode,
-                          lambda fd, base, start: call(settings.pool, "send", ref=ref, fd=fd, base=base,
-                                                       start=start),
-                          snapshot_created, prog)
+        with progress_bar(settings, f"backup {ref}") as prog:
+            origin = {"host": socket.gethostname(), "pool": os.path.abspath(settings.pool)}
+            res = make_backup(repo, origin, ref, mode,
+                              lambda fd, base, start: pool.call("send", ref=ref, fd=fd, base=base, start=start),
+                              snapshot_created, prog)
     if res.get("note") and not settings.quiet:
         click.echo(f"note: {res['note']}", err=True)
     st = res["stats"]
@@ -284,8 +284,9 @@ def copy(settings: Settings, backup_ids: tuple[str, ...], everything: bool, from
     env_pw = settings.env.repo_password
     src, _ = Repository.open(from_url, _password_source(from_password_file, env_pw, "source repository"),
                              from_endpoint)
+    listed = src.backup_ids()
     for ident in backup_ids:      # an unknown one fails before the destination is made
-        src.manifest(ident)
+        src.resolve(ident, listed)
     dst_pw = _password_source(to_password_file, env_pw, "destination repository")
     dst, created = Repository.open(to_url, dst_pw, to_endpoint, create=True)
     if same_repository(src, dst):    # before a lock is taken on either
