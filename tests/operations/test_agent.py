@@ -173,3 +173,23 @@ def test_agent_killed_mid_copy_copies_again_only_the_rest(tmp_path: Path):
         if agent.poll() is None:
             kill9(agent)
         stop_daemon(pool)
+
+
+def test_retention_never_takes_the_base_of_the_next_incremental(tmp_path: Path):
+    pool = make_pool(tmp_path / "pool", {"vm1": 2 * M})
+    policy = write_policy(tmp_path, POLICY.replace('snapshot = { every = "15m" }', 'snapshot = { every = "1s" }')
+                          .replace("keep_snapshots = { last = 2 }", "keep_snapshots = { last = 1 }"))
+    run_cli(pool, "snapshot", "create", "vm1@mine", check=True)          # a user's own: never the agent's to prune
+    assert run_cli(pool, "agent", "--policy", policy, "--once").returncode == 0
+    base = next(r for r in jobs(pool) if r["kind"] == "backup")["info"]["snapshot"]
+    names = []
+    for _ in range(3):                                                    # three more snapshots, no backup due
+        time.sleep(1.1)
+        assert run_cli(pool, "agent", "--policy", policy, "--once").returncode == 0
+        snaps = json.loads(run_cli(pool, "snapshot", "list", "vm1", "--json", check=True).stdout)
+        names = [s["name"] for s in snaps]
+        assert base in names and "mine" in names
+    newest = next(r for r in jobs(pool) if r["kind"] == "snapshot")["info"]["snapshot"]
+    assert sorted(names) == sorted({"mine", base, newest})               # the others went, by last = 1
+    kept = next(r for r in jobs(pool) if r["kind"] == "snapshot")["info"]["retention"]["kept_as_base"]
+    assert kept == [base]
