@@ -5,8 +5,11 @@ import os
 
 import click
 
+from ..errors import Busy, InvalidArgument
 from ..service.runner import call
-from ..units import DEFAULT_BLOCK_SIZE, format_size
+from ..settings import PASSWORD_FILE_ENV, REPO_ENV, S3_ENDPOINT_ENV
+from ..units import DEFAULT_BLOCK_SIZE, format_size, validate_name
+from .backup_cmd import _password_source
 from .context import Settings, emit, json_option, pass_settings, table
 from .options import SIZE
 from .progress import progress_bar
@@ -23,20 +26,106 @@ def volume() -> None:
     """Create, import and manage volumes."""
 
 
+def _repo_options(fn):
+    fn = click.option("--password-file", envvar=PASSWORD_FILE_ENV, type=click.Path(dir_okay=False),
+                      help="Read the repository password from this file.")(fn)
+    fn = click.option("--endpoint", envvar=S3_ENDPOINT_ENV, metavar="URL", help="S3 endpoint (not AWS).")(fn)
+    fn = click.option("--hydrate-rate", type=SIZE, default=0, hidden=True,
+                      help="At most this many bytes a second copied in the background (0: no limit).")(fn)
+    return fn
+
+
 @volume.command("create")
 @click.argument("name")
 @click.option("--size", type=SIZE, help="Volume size (cow: taken from the origin).")
 @click.option("--mode", type=click.Choice(["row", "cow"]), default="row", show_default=True)
 @click.option("--origin", metavar="IMAGE|DEVICE", help="Existing image or device (cow).")
 @click.option("--block-size", type=SIZE, default=DEFAULT_BLOCK_SIZE, show_default=True)
+@click.option("--from-backup", "backup_id", metavar="ID",
+              help="Instant recovery: a ROW volume usable at once, hydrating from this backup (with --repo).")
+@click.option("--repo", "repo_url", envvar=REPO_ENV, metavar="URL", help="Repository of --from-backup.")
+@_repo_options
 @json_option
 @pass_settings
-def create(settings: Settings, name: str, size, mode, origin, block_size, as_json) -> None:
-    """Create a thin ROW volume, or a COW volume over an existing origin."""
+def create(settings: Settings, name: str, size, mode, origin, block_size, backup_id, repo_url, endpoint,
+           password_file, hydrate_rate, as_json) -> None:
+    """Create a thin ROW volume, or a COW volume over an existing origin, or (with
+    --from-backup) a ROW volume restored instantly from a backup."""
+    if backup_id is not None:
+        if size is not None or origin or mode != "row":
+            raise InvalidArgument("--from-backup takes the size and block size from the backup: "
+                                  "no --size, --origin or --mode cow")
+        if not repo_url:
+            raise InvalidArgument(f"--from-backup needs --repo (or {REPO_ENV})")
+        info = create_from_backup(settings, name, backup_id, repo_url, endpoint, password_file, hydrate_rate)
+        h = info["hydration"]
+        emit(info, as_json, None if settings.quiet else
+             f"created row volume {name} ({format_size(info['size'])}) from backup {h['backup']}: usable now, "
+             f"hydrating ({format_size(h['pending'] * info['block_size'])} to copy, hydrator pid {h['pid']})")
+        return
     info = call(settings.pool, "volume_create", name=name, size=size, mode=mode,
                 origin=os.path.abspath(origin) if origin else None, block_size=block_size)
     emit(info, as_json, None if settings.quiet else
          f"created {info['mode']} volume {name} ({format_size(info['size'])})")
+
+
+def _manifest(repo_url: str, endpoint: str | None, password: bytes, backup_id: str):
+    from ..backup.repo import Repository
+    repo, _ = Repository.open(repo_url, lambda new: password, endpoint)
+    return repo.manifest(backup_id)
+
+
+def create_from_backup(settings: Settings, name: str, backup_id: str, repo_url: str, endpoint: str | None,
+                       password_file: str | None, rate: int) -> dict:
+    """Check everything, make the volume, start its hydrator; undo the volume if that fails."""
+    from ..recovery import hydrate
+    validate_name(name, "volume name")
+    password = _password_source(password_file, settings.env.repo_password)(False)
+    m = _manifest(repo_url, endpoint, password, backup_id)     # a wrong password, an unknown ID stop here
+    hyd = {"backup": m.id, "repo": repo_url, "endpoint": endpoint, "volume": m.volume,
+           "snapshot": m.info["source"].get("snapshot")}
+    info = call(settings.pool, "volume_create_from_backup", name=name, size=int(m.info["size"]),
+                block_size=int(m.info["chunk_size"]), hydration=hyd,
+                starts=m.starts.astype(int).tolist(), counts=m.counts.astype(int).tolist())
+    try:
+        pid = hydrate.start(settings.pool, name, repo=repo_url, endpoint=endpoint, password=password,
+                            backup=m.id, rate=rate)
+    except BaseException:
+        call(settings.pool, "volume_delete", name=name)
+        raise
+    info["hydration"]["pid"] = pid
+    return info
+
+
+@volume.command("hydrate")
+@click.argument("name")
+@_repo_options
+@click.option("--stop", is_flag=True, help="End the volume's hydrator (it can be started again).")
+@json_option
+@pass_settings
+def hydrate_(settings: Settings, name: str, endpoint, password_file, hydrate_rate, stop: bool, as_json) -> None:
+    """Start the hydrator of a volume restored with --from-backup again (after a reboot,
+    a kill, or --stop): with the repository's password, from where it was."""
+    from ..recovery import hydrate
+    info = call(settings.pool, "volume_show", name=name)
+    h = info.get("hydration")
+    if not h or h.get("state") != "hydrating":
+        raise InvalidArgument(f"volume {name} is not hydrating from a backup"
+                              + (f" (hydrated from {h['backup']})" if h else ""))
+    if stop:
+        stopped = hydrate.stop(settings.pool, name)
+        emit({"stopped": stopped}, as_json, None if settings.quiet else
+             f"{'stopped' if stopped else 'no'} hydrator of {name}")
+        return
+    if hydrate.running(settings.pool, name) is not None:
+        raise Busy(f"volume {name} already has a hydrator running (pid {hydrate.running(settings.pool, name)})")
+    endpoint = endpoint or h.get("endpoint")
+    password = _password_source(password_file, settings.env.repo_password)(False)
+    _manifest(h["repo"], endpoint, password, h["backup"])
+    pid = hydrate.start(settings.pool, name, repo=h["repo"], endpoint=endpoint, password=password,
+                        backup=h["backup"], rate=hydrate_rate)
+    emit({"pid": pid, **h}, as_json, None if settings.quiet else
+         f"hydrating {name} from backup {h['backup']} ({h.get('pending', 0)} blocks to copy, pid {pid})")
 
 
 @volume.command("import")

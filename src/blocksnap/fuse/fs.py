@@ -111,6 +111,7 @@ class BlocksnapFS(mfusepy.Operations):
         self.space_guard = SpaceGuard(pool.free_bytes)
         self.writeback: Writeback | None = None   # started with the first queue
         self._queues_closed = False
+        self.hydration: Any = None   # recovery.hydrate_state.Hydrations (the daemon's): instant recovery
 
     # -- what other parts of the daemon ask --------------------------------------
     def in_use(self, volume: str, snapshot: str | None = None) -> int:
@@ -347,6 +348,8 @@ class BlocksnapFS(mfusepy.Operations):
         q = self.queues.get(h.volume) if h.snapshot is None else None
         if q is not None and q.overlaps(offset, end):
             q.drain()
+        if self.hydration is not None and h.snapshot is None:
+            self.hydration.before_read(obj, offset, end)   # blocks not local yet, from the backup
         obj.read_into(offset, out[:end - offset])
         return end - offset
 
@@ -363,6 +366,9 @@ class BlocksnapFS(mfusepy.Operations):
         # queued where the engine's work per request is heavy: ROW, and COW with
         # snapshots to copy blocks out for (a plain COW write is one pwrite: direct)
         data = data[:n] if n < len(data) else data
+        if self.hydration is not None and self.hydration.write(vol, offset, data):
+            self.mtime[h.volume] = time.time_ns()   # hydrating from a backup: written by its hook, directly
+            return n
         q = self._queue(h)
         if q is None:
             vol.write(offset, data)
@@ -400,7 +406,8 @@ class BlocksnapFS(mfusepy.Operations):
         self.drain(h.volume)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             if offset < end:
-                vol.discard(offset, end - offset)
+                if self.hydration is None or not self.hydration.discard(vol, offset, end - offset):
+                    vol.discard(offset, end - offset)
                 self.mtime[h.volume] = time.time_ns()
                 self._commit_soon.set()  # freed blocks return to the pool on commit
             return 0

@@ -131,7 +131,6 @@ class Hydrator:
                 return 0
             try:
                 self._copy(state["pending"])
-                self._back()
             except (BlocksnapError, OSError) as e:
                 if isinstance(e, CorruptionError) and "damaged" in str(e):
                     log.error("%s", e)
@@ -154,15 +153,15 @@ class Hydrator:
             self._hand(got)
 
     def _hand(self, got: list[tuple[int, bytes]]) -> None:
+        self._back()             # chunks came: the repository answers
         bs = self.bs
+        t0 = time.monotonic()
         blob = b"".join(d.ljust(bs, b"\0") for _, d in got)
         self.call("volume_hydrate", name=self.name, blocks=[c for c, _ in got],
                   data=base64.b64encode(blob).decode())
         self.copied += len(blob)
-        if self.rate > 0:        # a ceiling on the copy (urgent reads are never held back)
-            ahead = self.copied / self.rate - (time.monotonic() - self.started)
-            if ahead > 0:
-                self.stop.wait(ahead)
+        if self.rate > 0:        # a ceiling on the copy, batch by batch (urgent reads are never held back)
+            self.stop.wait(max(0.0, len(blob) / self.rate - (time.monotonic() - t0)))
 
 
 class _Stopped(Exception):

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine import mask_runs
 from ..errors import BlocksnapError, Busy, CorruptionError
 
 log = logging.getLogger("blocksnap.hydrate")
@@ -115,9 +116,8 @@ class Hydration:
                 left += int(m.sum())
                 if taken >= limit or not m.any():
                     continue
-                d = np.diff(np.concatenate(([0], m.view(np.int8), [0])))
-                for lo, hi in zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()):
-                    n = min(hi - lo, limit - taken)
+                for lo, count in mask_runs(m):
+                    n = min(count, limit - taken)
                     if n > 0:
                         out.append([a + lo, n])
                         taken += n
@@ -131,9 +131,7 @@ class Hydration:
         m = self.stored(b0, b1) & ~self.vol.mapped(b0, b1 - b0) & ~self.zeroed[b0:b1]
         if not m.any():
             return
-        d = np.diff(np.concatenate(([0], m.view(np.int8), [0])))
-        los, his = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
-        pairs = np.stack([los + b0, his - los], axis=1).astype(np.int64)
+        pairs = np.array([(b0 + lo, n) for lo, n in mask_runs(m)], np.int64)
         fd = os.open(self.paths["zeroed"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, pairs.tobytes())
@@ -215,18 +213,14 @@ class Hydration:
     def write(self, offset: int, data: Any) -> None:
         """A partial write to a pending block needs the block first (read-modify-
         write); a whole one does not. Holes it makes in stored blocks: zeroed."""
-        bs = self.vol.block_size
-        end = offset + len(data)
-        b0, b1 = offset // bs, -(-end // bs)
-        with self.lock:
-            edges = {b for b in (b0, b1 - 1) if (b * bs < offset or min((b + 1) * bs, self.vol.size) > end)}
-            need = [b for b in sorted(edges) if self.pending(b, b + 1).any()]
-            if need:
-                self.fetch(need)
-            self.vol.write(offset, data)
-            self._mark_zeroed(b0, b1)
+        self._change(offset, len(data), lambda: self.vol.write(offset, data))
 
     def discard(self, offset: int, length: int) -> None:
+        """Whole blocks become holes (recorded zeroed); a partial edge is zeroed
+        in a block fetched first, so the rest of it stays the backup's."""
+        self._change(offset, length, lambda: self.vol.discard(offset, length))
+
+    def _change(self, offset: int, length: int, apply: Any) -> None:
         bs = self.vol.block_size
         end = offset + length
         b0, b1 = offset // bs, -(-end // bs)
@@ -234,8 +228,8 @@ class Hydration:
             edges = {b for b in (b0, b1 - 1) if (b * bs < offset or min((b + 1) * bs, self.vol.size) > end)}
             need = [b for b in sorted(edges) if self.pending(b, b + 1).any()]
             if need:
-                self.fetch(need)           # its zeroed edge keeps the rest of the block
-            self.vol.discard(offset, length)
+                self.fetch(need)
+            apply()
             self._mark_zeroed(b0, b1)
 
 

@@ -110,6 +110,8 @@ class Daemon:
         from ..fuse import BlocksnapFS  # late: loads libfuse only in the daemon
         self.fs = BlocksnapFS(self.pool, read_only=self.read_only, allow_other=self.allow_other,
                               write_behind=self.write_behind)
+        from ..recovery.hydrate_state import hydrations
+        self.fs.hydration = hydrations(self.pool)   # volumes restored instantly: reads fetch, writes keep
         threading.Thread(target=self._fuse_main, name="fuse", daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT
         while not self.fs.initialized.wait(0.05):

@@ -5,11 +5,14 @@ data, so the same function serves a local call and a request over the socket.
 """
 from __future__ import annotations
 
+import base64
+import time
 from typing import Any, Callable
 
 from ..engine import Pool
 from ..engine import scrub as _scrub
-from ..errors import BlocksnapError
+from ..errors import BlocksnapError, Busy
+from ..recovery import hydrate_state as _hydration
 from ..units import split_snapshot_pair, split_snapshot_ref, validate_name
 from .fdio import stream_file
 
@@ -41,16 +44,22 @@ def volume_list(pool: Pool) -> list[dict]:
 
 
 def volume_show(pool: Pool, name: str) -> dict:
-    return pool.volume(name).info()
+    info = pool.volume(name).info()
+    hyd = _hydration.progress(pool, name)
+    if hyd is not None:
+        info["hydration"] = hyd
+    return info
 
 
 def volume_delete(pool: Pool, name: str, recursive: bool = False) -> dict:
     pool.volume(name).delete(recursive=recursive)
+    _hydration.remove_files(pool.path, name)     # a volume deleted while it hydrated: its pending set
     return {"deleted": name}
 
 
 def volume_resize(pool: Pool, name: str, size: int, shrink: bool = False) -> dict:
     """The command's resize: to whole blocks (rounded up, and the answer says so)."""
+    _not_hydrating(pool, name, "resize")
     vol = pool.volume(name)
     bs = vol.block_size
     whole = -(-size // bs) * bs if size > 0 and size % 512 == 0 else size   # (else the engine says why)
@@ -64,6 +73,7 @@ def volume_resize(pool: Pool, name: str, size: int, shrink: bool = False) -> dic
 def snapshot_create(pool: Pool, ref: str, labels: dict[str, str] | None = None,
                     consistency: str = "crash", hooks: dict | None = None) -> dict:
     vol, name = split_snapshot_ref(ref)
+    _not_hydrating(pool, vol, "snapshot")
     return pool.volume(vol).snapshot(name, labels=labels, consistency=consistency, hooks=hooks).info()
 
 
@@ -168,6 +178,48 @@ def jobs_interrupt(pool: Pool, ended: float, note: str) -> list[dict]:
     return [r.to_json() for r in pool.jobs.interrupt_running(ended, note)]
 
 
+# -- instant recovery (recovery/hydrate_state.py: what is pending, filled without overwriting) --
+def _not_hydrating(pool: Pool, name: str, verb: str) -> None:
+    """A snapshot of a volume still hydrating would hold holes where the backup's data
+    is yet to come: refused until it is hydrated (as is a resize)."""
+    if pool.has_volume(name) and pool.volume(name).extra.get("hydration", {}).get("state") == "hydrating":
+        raise Busy(f"cannot {verb} volume {name} while it hydrates from a backup (see `volume show {name}`)")
+
+
+def volume_create_from_backup(pool: Pool, name: str, size: int, block_size: int, hydration: dict,
+                              starts: list[int], counts: list[int]) -> dict:
+    """A ROW volume that hydrates from a backup: the runs file first, then the info
+    that says so (a crash between leaves an empty volume, never a wrong one)."""
+    vol = pool.create_volume(name, size=size, mode="row", block_size=block_size)
+    try:
+        _hydration.save_runs(pool.path, name, starts, counts)
+        vol.update_extra({"hydration": dict(hydration, state="hydrating", created=time.time())})
+    except BaseException:
+        vol.delete()
+        _hydration.remove_files(pool.path, name)
+        raise
+    return volume_show(pool, name)
+
+
+def volume_hydration(pool: Pool, name: str, limit: int = 256) -> dict:
+    """The hydrator's question: up to `limit` pending blocks ([first, count] runs)."""
+    vol = pool.volume(name)
+    h = _hydration.hydrations(pool).get(name)
+    if h is None:
+        return {"state": vol.extra.get("hydration", {}).get("state", "none"), "pending": [], "left": 0}
+    runs, left = h.pending_runs(limit)
+    return {"state": "hydrating", "pending": runs, "left": left}
+
+
+def volume_hydrate(pool: Pool, name: str, blocks: list[int], data: str) -> dict:
+    """Backup blocks from the hydrator, written where still pending (never over a write)."""
+    return {"written": _hydration.hydrations(pool).require(name).fill(blocks, base64.b64decode(data))}
+
+
+def volume_hydrate_done(pool: Pool, name: str) -> dict:
+    return _hydration.hydrations(pool).done(name)
+
+
 # The operations a client may ask for, by name: this table, not whatever the module
 # defines, is what the daemon offers over its socket (daemon_ops adds its own).
 OPS: dict[str, Callable[..., Any]] = {
@@ -180,5 +232,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "export": export, "send": send, "receive": receive, "check": check, "scrub": scrub,
     "job_begin": job_begin, "job_end": job_end, "job_list": job_list, "job_summary": job_summary,
     "jobs_interrupt": jobs_interrupt,
+    "volume_create_from_backup": volume_create_from_backup, "volume_hydration": volume_hydration,
+    "volume_hydrate": volume_hydrate, "volume_hydrate_done": volume_hydrate_done,
 }
 PROGRESS_OPS = {"volume_import", "snapshot_clone", "export", "scrub", "send", "receive"}
