@@ -211,6 +211,8 @@ def test_a_dead_webhook_is_retried_while_email_is_delivered(tmp_path, smtp_serve
     late = HttpReceiver(dead_port).start()               # the endpoint comes back
     try:
         assert mgr.run({c.key: c}, NOW + 5) == []
+        assert late.requests == [] and mgr.pending() == {webhook_id: 1}    # not retried before 15 s
+        assert mgr.run({c.key: c}, NOW + 15) == []
         assert [r.json()["status"] for r in late.requests] == ["firing"]
         assert len(smtp_server.messages) == 1            # email is not sent twice
         assert mgr.pending() == {}
@@ -332,6 +334,21 @@ def test_webhook_error_status_is_a_failure(receiver, tmp_path):
     receiver.status = 200
     assert mgr.deliver() == []
     assert [r.json()["status"] for r in receiver.requests] == ["firing"] * 3
+
+
+def test_retries_back_off_so_a_dead_endpoint_does_not_hold_up_each_tick(receiver, tmp_path):
+    receiver.status = 503
+    mgr = AlertManager(hook_config(receiver), str(tmp_path / "a.json"), "host1")
+    c = cond()
+    tries = []
+    for dt in range(0, 400, 5):                          # the agent's 5 s ticks
+        before = len(receiver.requests)
+        mgr.run({c.key: c}, NOW + dt)
+        if len(receiver.requests) > before:
+            tries.append(dt)
+    assert tries == [0, 15, 45, 105, 225]                # 15 s, doubling, at most 300 s apart
+    receiver.status = 200
+    assert mgr.run({c.key: c}, NOW + 525) == [] and mgr.pending() == {}
 
 
 def test_email_over_starttls_with_a_password_file(tmp_path, smtp_server):

@@ -35,6 +35,9 @@ LATE_KINDS = ("snapshot", "backup", "copy")
 # Failing jobs of these kinds put recovery points at risk; the others (verify,
 # drill, retention) warn.
 CRITICAL_JOBS = ("snapshot", "backup", "copy")
+# A failed channel is tried again this long after, doubling up to RETRY_MAX (in memory:
+# a restarted agent tries at once).
+RETRY_FIRST, RETRY_MAX = 15.0, 300.0
 
 
 @dataclass
@@ -178,6 +181,7 @@ class AlertManager:
         self._lock = threading.Lock()
         self._alerts: dict[str, dict[str, Any]] = {}      # key -> condition, started, notified
         self._outbox: dict[str, list[dict[str, Any]]] = {}  # channel id -> notifications owed
+        self._retry: dict[str, tuple[int, float]] = {}      # channel id -> (failures in a row, next try)
         self._load()
         self.configure(config, channels)
 
@@ -278,30 +282,39 @@ class AlertManager:
                 self._save()
         return made
 
-    def deliver(self) -> list[tuple[str, str]]:
+    def deliver(self, now: float | None = None) -> list[tuple[str, str]]:
         """Send what each channel is owed, oldest first. A channel that fails keeps the
-        rest of its outbox for the next call (one log line) and the others go on.
-        Returns (channel name, error) for each channel that failed."""
+        rest of its outbox (one log line) and the others go on. Given `now`, a channel
+        that failed is tried again RETRY_FIRST later, doubling to RETRY_MAX, so a
+        blackholed endpoint does not hold up every tick of the agent for its timeout;
+        without it every channel owed something is tried. Returns (channel name,
+        error) for each channel that failed."""
         failures = []
         with self._lock:
             for ch in self.channels:
                 q = self._outbox.get(ch.id, [])
+                fails, next_try = self._retry.get(ch.id, (0, 0.0))
+                if not q or (now is not None and now < next_try):
+                    continue
                 while q:
                     try:
                         ch.send(Notification.from_json(q[0]))
                     except Exception as e:  # noqa: BLE001 - a broken channel must never stop the others
+                        wait = min(RETRY_MAX, RETRY_FIRST * 2 ** fails)
+                        self._retry[ch.id] = (fails + 1, (now if now is not None else 0.0) + wait)
                         log.warning("alerts: %s failed: %s (%d notification(s) kept to retry)", ch.name,
                                     _one_line(e), len(q))
                         failures.append((ch.name, _one_line(e)))
                         break
+                    self._retry.pop(ch.id, None)
                     q.pop(0)
                     self._save()
         return failures
 
     def run(self, active: dict[str, Condition], now: float) -> list[Notification]:
-        """evaluate() then deliver(): the agent calls this after each report."""
+        """evaluate() then deliver(now): the agent calls this after each report."""
         made = self.evaluate(active, now)
-        self.deliver()
+        self.deliver(now)
         return made
 
     def check(self, report: Report, now: float) -> list[Notification]:
