@@ -278,6 +278,8 @@ def test_check_runs_the_whole_path_from_a_report(receiver, tmp_path):
     assert [n.condition.key for n in mgr.check(r, NOW)] == ["job_failed/vm1/backup/local"]
     j.last_result = "running"                                   # the retry
     assert mgr.check(r, NOW + 60) == []
+    mgr = AlertManager(hook_config(receiver), str(tmp_path / "alerts.json"), "host1")   # agent restarted
+    assert mgr.check(r, NOW + 90) == []                         # still failed: the retry has not succeeded
     j.last_result, j.last_success = "ok", NOW + 100
     assert [n.status for n in mgr.check(r, NOW + 120)] == ["resolved"]
 

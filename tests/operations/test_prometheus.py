@@ -23,7 +23,7 @@ needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
 def test_promtool_checks_the_rules():
     out = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 13 rules found" in out.stdout
+    assert "SUCCESS: 15 rules found" in out.stdout
 
 
 def test_the_rules_cover_the_issue():
@@ -31,9 +31,9 @@ def test_the_rules_cover_the_issue():
     names = set(re.findall(r"(?m)^\s+- alert: (\w+)$", text))
     assert {"BlocksnapJobFailed", "BlocksnapRPOBreached", "BlocksnapAgentAbsent", "BlocksnapStorageHigh",
             "BlocksnapVerifyCoverageBehind", "BlocksnapCorruptionFound", "BlocksnapDrillFailed",
-            "BlocksnapDrillStale"} <= names
+            "BlocksnapDrillStale", "BlocksnapFleetAgentStale"} <= names
     severities = re.findall(r"(?m)^\s+severity: (\w+)$", text)
-    assert len(severities) == 13 and set(severities) == {"critical", "warning"}
+    assert len(severities) == 15 and set(severities) == {"critical", "warning"}
 
 
 UNIT = """
@@ -57,7 +57,20 @@ tests:
         values: '1x80'
       - series: 'blocksnap_agent_heartbeat_timestamp_seconds{{job="blocksnap",instance="h:9469"}}'
         values: '0+60x10 600x70'
+      - series: 'blocksnap_fleet_agent_stale{{job="node",instance="central:9100",repository="file:///srv/b",host="h2",pool="/srv/pool"}}'
+        values: '0x5 1x20'
     alert_rule_test:
+      - eval_time: 8m
+        alertname: BlocksnapFleetAgentStale
+        exp_alerts: []
+      - eval_time: 12m
+        alertname: BlocksnapFleetAgentStale
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: node, instance: "central:9100", repository: "file:///srv/b",
+                          host: h2, pool: /srv/pool}}
+            exp_annotations:
+              summary: "blocksnap agent of h2 (pool /srv/pool) is silent in repository file:///srv/b"
+              description: "The heartbeat h2 writes into file:///srv/b is older than three intervals, or absent."
       - eval_time: 5m
         alertname: BlocksnapJobFailed
         exp_alerts:
