@@ -204,3 +204,17 @@ def test_no_listen_serves_nothing():
     with pytest.raises(RuntimeError):
         _ = server.port
     server.stop()
+
+
+def test_a_failing_job_stays_failing_through_its_retry():
+    from prometheus_client import generate_latest
+    report = healthy_report()
+    j = fail_backup(report, "vm1")
+    j.last_failure, j.last_failure_result = j.last_end, "failed"
+    key = ("blocksnap_job_failing", frozenset({"volume": "vm1", "repository": "local", "job": "backup",
+                                               "result": "failed"}.items()))
+    assert parse(generate_latest(build_registry(report)).decode())[key] == 1
+    j.last_result, j.last_start, j.last_end = "running", report.time - 5, None     # the retry, in progress
+    assert parse(generate_latest(build_registry(report)).decode())[key] == 1
+    j.last_result, j.last_end, j.last_success = "ok", report.time, report.time    # it succeeded
+    assert key not in parse(generate_latest(build_registry(report)).decode())

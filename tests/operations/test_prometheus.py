@@ -42,8 +42,8 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'blocksnap_job_last_result{{job="blocksnap",instance="h:9469",volume="vm1",repository="local",exported_job="backup",result="failed"}}'
-        values: '0 1x10 0x5'
+      - series: 'blocksnap_job_failing{{job="blocksnap",instance="h:9469",volume="vm1",repository="local",exported_job="backup",result="failed"}}'
+        values: '_ 1x10 _x5'
       - series: 'blocksnap_rpo_seconds{{job="blocksnap",instance="h:9469",volume="vm1"}}'
         values: '3600x80'
       - series: 'blocksnap_rpo_breached{{job="blocksnap",instance="h:9469",volume="vm1"}}'
@@ -78,8 +78,8 @@ tests:
                           exported_job: backup, result: failed}}
             exp_annotations:
               summary: "blocksnap backup of vm1 failed on h:9469"
-              description: "The newest backup run of volume vm1 (repository 'local') failed. `blocksnap jobs --volume vm1` shows the error."
-      - eval_time: 15m
+              description: "A backup run of volume vm1 (repository 'local') failed and none has succeeded since. `blocksnap jobs --volume vm1` shows the error."
+      - eval_time: 20m
         alertname: BlocksnapJobFailed
         exp_alerts: []
       - eval_time: 30m

@@ -98,17 +98,19 @@ class JobLog:
                 "SELECT volume, kind, target, COUNT(*), SUM(result IN ('failed', 'interrupted')),"
                 " MAX(id), MAX(CASE WHEN result = 'ok' THEN id END),"
                 " MAX(CASE WHEN result = 'ok' AND json_extract(info, '$.mode') = 'full' THEN id END),"
-                " MAX(CASE WHEN result = 'ok' AND json_extract(info, '$.mode') = 'differential' THEN id END)"
+                " MAX(CASE WHEN result = 'ok' AND json_extract(info, '$.mode') = 'differential' THEN id END),"
+                " MAX(CASE WHEN result IN ('failed', 'interrupted') THEN id END)"
                 " FROM jobs GROUP BY volume, kind, target").fetchall()
             out = []
-            for volume, kind, target, runs, failures, last_id, ok_id, full_id, diff_id in agg:
+            for volume, kind, target, runs, failures, last_id, ok_id, full_id, diff_id, bad_id in agg:
                 since_ok = self._db.execute(
                     "SELECT COUNT(*) FROM jobs WHERE volume = ? AND kind = ? AND target = ? AND id > ?"
                     " AND result IN ('failed', 'interrupted')", (volume, kind, target, ok_id or 0)).fetchone()[0]
                 out.append({"volume": volume, "kind": kind, "target": target, "runs": runs,
                             "failures": int(failures or 0), "failures_since_success": int(since_ok),
                             "last": self._one(last_id), "last_success": self._one(ok_id),
-                            "last_full": self._one(full_id), "last_differential": self._one(diff_id)})
+                            "last_full": self._one(full_id), "last_differential": self._one(diff_id),
+                            "last_failure": self._one(bad_id)})
             return out
 
     def _one(self, job_id: int | None) -> dict[str, Any] | None:

@@ -118,6 +118,13 @@ def _job_metrics(f: _Families, jobs) -> None:
         f.add("blocksnap_job_failures_total", "Failed or interrupted runs of the job in the history.",
               lab, j.failures_total, counter=True)
         f.add("blocksnap_job_runs_total", "Runs of the job in the history.", lab, j.runs_total, counter=True)
+        if j.failing:
+            f.add("blocksnap_job_failing", "1 while the job's newest failure is newer than its newest success "
+                  "(a retry in progress does not clear it).",
+                  {**lab, "result": j.last_result if j.last_result in ("failed", "interrupted")
+                   else j.last_failure_result or "failed"}, 1.0)
+        f.add("blocksnap_last_failure_timestamp_seconds", "End of the job's newest failed or interrupted run.",
+              lab, j.last_failure)
         if j.last_result is not None:
             for result in RESULTS:
                 f.add("blocksnap_job_last_result", "1 for the result of the job's newest run, 0 for the others.",

@@ -51,6 +51,8 @@ class Publisher:
                     self.server = MetricsServer(m, lambda: agent.report).start()
                 except OSError as e:
                     log.error("metrics: cannot listen on %s: %s", m.listen, e.strerror)
+                except BlocksnapError as e:      # (policy check refuses a bad listen first)
+                    log.error("metrics: %s", e)
         if agent.policy.alerts is not self.alerts_config:
             from .alerts import AlertManager
             self.alerts_config = agent.policy.alerts

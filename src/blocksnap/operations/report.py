@@ -39,6 +39,16 @@ class JobStat:
     last_error: str | None = None
     failures_total: int = 0          # every failed or interrupted run ever recorded
     runs_total: int = 0
+    last_failure: float | None = None        # end of the newest failed or interrupted run
+    last_failure_result: str | None = None   # failed or interrupted
+
+    @property
+    def failing(self) -> bool:
+        """Its newest failure is newer than its newest success (a retry running or
+        stopped in between does not clear it: only a success does)."""
+        if self.last_result in ("failed", "interrupted"):
+            return True
+        return self.last_failure is not None and (self.last_success is None or self.last_failure > self.last_success)
 
 
 @dataclass

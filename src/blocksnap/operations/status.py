@@ -95,8 +95,10 @@ def _job_stats(summary: list[dict[str, Any]], volume: str) -> list[JobStat]:
     for s in summary:
         if s["volume"] != volume:
             continue
-        last, ok = s["last"], s.get("last_success")
+        last, ok, bad = s["last"], s.get("last_success"), s.get("last_failure")
         out.append(JobStat(volume=volume, kind=s["kind"], target=s["target"], last_result=last["result"],
+                           last_failure=(bad["ended"] or bad["started"]) if bad else None,
+                           last_failure_result=bad["result"] if bad else None,
                            last_start=last["started"], last_end=last["ended"],
                            last_duration=(last["ended"] - last["started"]) if last["ended"] else None,
                            last_success=ok["ended"] if ok else None, last_error=last["error"],
