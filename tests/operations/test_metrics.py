@@ -18,7 +18,7 @@ from blocksnap.operations.model import MetricsConfig
 
 from .conftest import NOW, breach_rpo, fail_backup, healthy_report, vol
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "monitoring.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 def parse(text: str) -> dict[tuple[str, frozenset], float]:
@@ -174,7 +174,7 @@ def test_names_follow_conventions_and_are_documented():
             assert name.endswith("_total")
         if "timestamp" in name or name.endswith("_age_seconds"):
             assert name.endswith("_seconds")
-        assert f"`{name}`" in docs, f"{name} is not in docs/monitoring.md"
+        assert f"`{name}`" in docs, f"{name} is not in docs/operations.md"
 
 
 def test_registry_is_fresh_each_time():

@@ -7,7 +7,7 @@ channel is still owed) is a JSON file replaced atomically, and a notification le
 channel's outbox only after that channel took it: a crash between a send and the
 write that records it sends it again after the restart (a duplicate), never loses
 it, and a restart neither re-fires a known alert nor invents or drops a resolve.
-docs/monitoring.md has the keys and the channels' formats.
+docs/operations.md has the keys and the channels' formats.
 """
 from __future__ import annotations
 

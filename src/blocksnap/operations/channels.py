@@ -3,7 +3,7 @@ command, and healthchecks-style pings. Stdlib only (urllib, smtplib, subprocess)
 
 A channel's `send` raises on failure, and the AlertManager keeps the notification
 for the next evaluation; `ping` only logs, since a missed ping is what the pinged
-service is there to notice. docs/monitoring.md describes every format.
+service is there to notice. docs/operations.md describes every format.
 """
 from __future__ import annotations
 

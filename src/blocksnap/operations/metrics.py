@@ -4,7 +4,7 @@ Every scrape (and every textfile write) builds its families afresh from a Report
 so the numbers are what the job history and the pool say now: after an agent
 restart a counter such as `blocksnap_job_failures_total` carries the history's
 count, never a zero that a long-lived in-process counter would restart from.
-docs/monitoring.md lists each metric.
+docs/operations.md lists each metric.
 """
 from __future__ import annotations
 
