@@ -365,10 +365,21 @@ def test_s3_endpoint_down_mid_hydration(s3_inst, tmp_path):
     assert log.count("hydration paused") == 1 and "Traceback" not in log, log
 
 
-def test_without_a_daemon_the_hydrator_fills_the_pool(inst, tmp_path):
-    """No daemon: the hydrator writes into the pool itself (opened a moment at a time)."""
-    want = export(inst.pool, "v@s1", tmp_path / "want.img")
-    inst.create("r")
+def test_without_a_daemon_an_incremental_backup(inst, tmp_path):
+    """No daemon: the hydrator writes into the pool itself (opened a moment at a time).
+    The backup is an incremental one: its blocks lie in two packs, so the copy's
+    batches are not in block order (a batch must fill only its own blocks)."""
+    import blocksnap
+    rnd = random.Random(11)
+    with blocksnap.Pool.open(str(inst.pool)) as p:
+        v = p.volume("v")
+        for b in range(3, 400, 37):
+            v.write(b * v.block_size + 512, rnd.randbytes(3000))
+        v.snapshot("s2")
+    b2 = inst.b.repo.backup("v@s2", "--mode", "incremental")
+    want = export(inst.pool, "v@s2", tmp_path / "want.img")
+    assert want != export(inst.pool, "v@s1", tmp_path / "old.img")
+    inst.cli("volume", "create", "r", "--from-backup", b2["id"])
     inst.wait_hydrated()
     inst.cli("snapshot", "create", "r@after")
     assert export(inst.pool, "r@after", tmp_path / "got.img") == want

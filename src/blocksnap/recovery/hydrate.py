@@ -44,7 +44,7 @@ from .mount import _Child, _read_status, alive, start_time, stop_process
 from .source import BlockSource, ChunkCache
 
 log = logging.getLogger("blocksnap.hydrator")
-BATCH = 32                  # blocks handed to the pool in one call
+BATCH = 32                  # blocks handed to the pool in one call (passed in a memfd)
 CACHE = 64 << 20            # the urgent reads' chunk cache
 RETRY = 2.0                 # seconds between tries while the repository or the daemon is away
 
@@ -118,11 +118,15 @@ class Hydrator:
         raise _Stopped()
 
     def run(self) -> int:
+        cursor = 0               # blocks before it were handed over (or written meanwhile)
         while not self.stop.is_set():
-            state = self.call("volume_hydration", name=self.name, limit=BATCH * 8)
+            state = self.call("volume_hydration", name=self.name, limit=BATCH * 16, start=cursor)
             if state["state"] != "hydrating":
                 log.info("volume %s is %s: nothing to do", self.name, state["state"])
                 return 0
+            if not state["pending"] and cursor:
+                cursor = 0       # once more from the start: what a failed call or a crash left
+                continue
             if not state["pending"]:
                 self.call("volume_hydrate_done", name=self.name)
                 secs = time.monotonic() - self.started
@@ -131,6 +135,7 @@ class Hydrator:
                 return 0
             try:
                 self._copy(state["pending"])
+                cursor = state["pending"][-1][0] + state["pending"][-1][1]
             except (BlocksnapError, OSError) as e:
                 if isinstance(e, CorruptionError) and "damaged" in str(e):
                     log.error("%s", e)
@@ -156,12 +161,16 @@ class Hydrator:
         self._back()             # chunks came: the repository answers
         bs = self.bs
         t0 = time.monotonic()
-        blob = b"".join(d.ljust(bs, b"\0") for _, d in got)
-        self.call("volume_hydrate", name=self.name, blocks=[c for c, _ in got],
-                  data=base64.b64encode(blob).decode())
-        self.copied += len(blob)
+        fd = os.memfd_create("hydrate", os.MFD_CLOEXEC)     # passed to the daemon, not copied through JSON
+        try:
+            os.writev(fd, [d.ljust(bs, b"\0") for _, d in got])
+            self.call("volume_hydrate", name=self.name, blocks=[c for c, _ in got], fd=fd)
+        finally:
+            os.close(fd)
+        n = len(got) * bs
+        self.copied += n
         if self.rate > 0:        # a ceiling on the copy, batch by batch (urgent reads are never held back)
-            self.stop.wait(max(0.0, len(blob) / self.rate - (time.monotonic() - t0)))
+            self.stop.wait(max(0.0, n / self.rate - (time.monotonic() - t0)))
 
 
 class _Stopped(Exception):

@@ -105,30 +105,37 @@ class Hydration:
             return np.zeros(0, bool)
         return self.stored(b0, b1) & ~self.vol.mapped(b0, b1 - b0) & ~self.zeroed[b0:b1]
 
-    def pending_runs(self, limit: int) -> tuple[list[list[int]], int]:
-        """Up to `limit` pending blocks as [first, count] runs, and how many are pending."""
+    def pending_runs(self, limit: int, start: int = 0) -> tuple[list[list[int]], int]:
+        """Up to `limit` pending blocks from block `start` on, as [first, count] runs,
+        and how many are pending (all of them when limit is 0; else only those seen)."""
         out: list[list[int]] = []
         taken = left = 0
-        for s, e in zip(self.starts.tolist(), self.ends.tolist()):
-            for a in range(s, e, 1 << 16):          # a piece at a time: no array as long as the volume
+        first = max(0, int(np.searchsorted(self.ends, start, side="right")))
+        for s, e in zip(self.starts[first:].tolist(), self.ends[first:].tolist()):
+            if limit and taken >= limit:
+                break
+            for a in range(max(s, start), e, 1 << 16):   # a piece at a time: no array as long as the volume
                 z = min(e, a + (1 << 16))
                 m = self.pending(a, z)
                 left += int(m.sum())
-                if taken >= limit or not m.any():
+                if (limit and taken >= limit) or not m.any():
                     continue
                 for lo, count in mask_runs(m):
-                    n = min(count, limit - taken)
+                    n = min(count, limit - taken) if limit else 0
                     if n > 0:
                         out.append([a + lo, n])
                         taken += n
         return out, left
 
-    def _mark_zeroed(self, b0: int, b1: int) -> None:
-        """Blocks of [b0, b1) the backup stores that are holes now (and not yet
-        recorded) are recorded, durably, before the caller's write returns."""
+    def _mark_zeroed(self, b0: int, b1: int, only: np.ndarray | None = None) -> None:
+        """Blocks of [b0, b1) (those `only` marks) the backup stores that are holes now
+        (and not yet recorded) are recorded, durably, before the caller's write returns."""
+        b1 = min(b1, self.vol.nblocks)
         if b0 >= b1:
             return
         m = self.stored(b0, b1) & ~self.vol.mapped(b0, b1 - b0) & ~self.zeroed[b0:b1]
+        if only is not None:
+            m &= only[:b1 - b0]
         if not m.any():
             return
         pairs = np.array([(b0 + lo, n) for lo, n in mask_runs(m)], np.int64)
@@ -152,12 +159,23 @@ class Hydration:
                 return 0
             lo, hi = min(blocks), max(blocks) + 1
             pend = self.pending(lo, hi)
-            for i, b in enumerate(blocks):
-                if pend[b - lo]:
-                    end = min(bs, self.vol.size - b * bs)
+            i = 0
+            while i < len(blocks):          # runs of consecutive pending blocks: one write each
+                j = i
+                while pend[blocks[j] - lo] and j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1 \
+                        and pend[blocks[j + 1] - lo]:
+                    j += 1
+                if pend[blocks[i] - lo]:
+                    b = blocks[i]
+                    end = min((j - i + 1) * bs, self.vol.size - b * bs)
                     self.vol.write(b * bs, mv[i * bs:i * bs + end])
-                    written += 1
-            self._mark_zeroed(lo, hi)       # a stored block of zeros is a hole: done all the same
+                    written += j - i + 1
+                i = j + 1
+            # a stored block of zeros is a hole: done all the same (only this batch's blocks:
+            # the others of [lo, hi) may come in a later batch)
+            mine = np.zeros(hi - lo, bool)
+            mine[np.asarray(blocks, np.int64) - lo] = True
+            self._mark_zeroed(lo, hi, mine)
         return written
 
     def fetch(self, blocks: list[int]) -> None:

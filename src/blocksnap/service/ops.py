@@ -5,7 +5,7 @@ data, so the same function serves a local call and a request over the socket.
 """
 from __future__ import annotations
 
-import base64
+import os
 import time
 from typing import Any, Callable
 
@@ -201,19 +201,27 @@ def volume_create_from_backup(pool: Pool, name: str, size: int, block_size: int,
     return volume_show(pool, name)
 
 
-def volume_hydration(pool: Pool, name: str, limit: int = 256) -> dict:
-    """The hydrator's question: up to `limit` pending blocks ([first, count] runs)."""
+def volume_hydration(pool: Pool, name: str, limit: int = 256, start: int = 0) -> dict:
+    """The hydrator's question: up to `limit` pending blocks ([first, count] runs)
+    from block `start` on (the hydrator's cursor: no rescan of what it has done)."""
     vol = pool.volume(name)
     h = _hydration.hydrations(pool).get(name)
     if h is None:
-        return {"state": vol.extra.get("hydration", {}).get("state", "none"), "pending": [], "left": 0}
-    runs, left = h.pending_runs(limit)
-    return {"state": "hydrating", "pending": runs, "left": left}
+        return {"state": vol.extra.get("hydration", {}).get("state", "none"), "pending": []}
+    runs, _ = h.pending_runs(limit, start)
+    return {"state": "hydrating", "pending": runs}
 
 
-def volume_hydrate(pool: Pool, name: str, blocks: list[int], data: str) -> dict:
-    """Backup blocks from the hydrator, written where still pending (never over a write)."""
-    return {"written": _hydration.hydrations(pool).require(name).fill(blocks, base64.b64decode(data))}
+def volume_hydrate(pool: Pool, name: str, blocks: list[int], fd: int, watch_fd: int | None = None) -> dict:  # noqa: ARG001
+    """Backup blocks from the hydrator (whole blocks, in the file `fd` it passed: a
+    memfd, not JSON), written where still pending (never over a write)."""
+    h = _hydration.hydrations(pool).require(name)
+    want = len(blocks) * h.vol.block_size
+    data = bytearray(want)
+    got = os.preadv(fd, [data], 0)
+    if got != want:
+        raise BlocksnapError(f"volume_hydrate: {got} bytes passed for {len(blocks)} blocks")
+    return {"written": h.fill(blocks, data)}
 
 
 def volume_hydrate_done(pool: Pool, name: str) -> dict:
