@@ -194,9 +194,14 @@ def mariadb(b: Bringup, spec: dict) -> tuple[bool, str, str]:
     (data / "mysql.pid").unlink(missing_ok=True)
     sock = b.work / "my.sock"
     err = b.work / "mariadb.err"
+    # a server that wrote a binary log commits in two phases: its prepared transactions
+    # are settled from that log at recovery, so the copy must open it (the index
+    # file names it, relative to the data directory); without it, mariadbd refuses
+    binlog = [f"--log-bin={p.stem}" for p in sorted(data.glob("*.index"))
+              if any(ln.strip().startswith(("./", p.stem)) for ln in p.read_text(errors="replace").splitlines())][:1]
     proc = subprocess.Popen([server, "--no-defaults", f"--datadir={data}", f"--socket={sock}", "--skip-networking",
                              f"--user={_owner(data)}", f"--pid-file={b.work / 'my.pid'}", f"--log-error={err}",
-                             "--innodb-buffer-pool-size=64M"],
+                             "--innodb-buffer-pool-size=64M", *binlog],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     b.record({"kind": "mariadb", "pid": proc.pid, "start": _start_time(proc.pid)})
     client = [shutil.which("mariadb") or "mysql", f"--socket={sock}", "-u", "root"]
@@ -204,8 +209,9 @@ def mariadb(b: Bringup, spec: dict) -> tuple[bool, str, str]:
         deadline = time.monotonic() + CHECK_TIMEOUT
         while _run(client + ["-e", "SELECT 1"], timeout=30).returncode != 0:
             if proc.poll() is not None or time.monotonic() > deadline:
-                tail = err.read_text()[-OUTPUT_KEEP:] if err.exists() else ""
-                return False, tail, "MariaDB did not start on the copy"
+                log = err.read_text() if err.exists() else ""
+                first = next((ln.strip() for ln in log.splitlines() if "[ERROR]" in ln), "")
+                return False, log[-OUTPUT_KEEP:], "MariaDB did not start on the copy" + (f": {first}" if first else "")
             time.sleep(0.2)
         if spec.get("sql"):
             return _probe_sql(client + ["-N", "-B", "-e"], spec)
