@@ -120,6 +120,8 @@ def test_mounted_at_once_files_equal_while_hydrating(inst, tmp_path):
         assert tree(fs) == tree(inst.b.files)
         mid = inst.hydration()
         assert mid["state"] == "hydrating" and mid["pending"] > 0, mid      # not all of it local yet
+        vols = {v["name"]: v for v in json.loads(inst.cli("pool", "status", "--json").stdout)["volume_list"]}
+        assert vols["r"]["hydration"]["state"] == "hydrating"              # what `status` reads
     finally:
         sh("umount", str(fs))
     done = inst.wait_hydrated()
@@ -410,3 +412,6 @@ def test_bad_inputs_leave_nothing(inst, tmp_path):
     assert_cli_error(res, 5, "hydrates")
     res = inst.cli("volume", "hydrate", "v", check=False)
     assert_cli_error(res, 1, "not hydrating")
+    inst.cli("volume", "delete", "r")                                 # while it hydrates: its pending set goes
+    assert not (inst.pool / "hydrate" / "r.runs").exists()
+    assert [v["name"] for v in json.loads(inst.cli("volume", "list", "--json").stdout)] == ["v"]

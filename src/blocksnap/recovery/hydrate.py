@@ -136,6 +136,8 @@ class Hydrator:
             try:
                 self._copy(state["pending"])
                 cursor = state["pending"][-1][0] + state["pending"][-1][1]
+            except NotFound:
+                raise            # the volume was deleted: the hydration ends
             except (BlocksnapError, OSError) as e:
                 if isinstance(e, CorruptionError) and "damaged" in str(e):
                     log.error("%s", e)

@@ -26,7 +26,7 @@ def _snap(pool: Pool, ref: str):
 
 def pool_status(pool: Pool) -> dict:
     st = pool.status()
-    st["volume_list"] = [v.info() for v in pool.volumes()]
+    st["volume_list"] = [volume_show(pool, v.name) for v in pool.volumes()]   # (with a hydration entry)
     return st
 
 
