@@ -258,8 +258,11 @@ def main() -> None:
         work = tempfile.mkdtemp(prefix=f"bench-restore-{r}-", dir="/var/tmp")
         try:
             rounds.append(one_round(work, args))
-        finally:
-            subprocess.run(["umount", "-l", os.path.join(work, "pool", "mnt")], capture_output=True)
+        finally:           # what a failed round left mounted: undone before its directory goes
+            from blocksnap.recovery.mount import all_states, teardown
+            from blocksnap.settings import Settings
+            for sd, st in all_states(Settings(runtime_dir=os.path.join(work, "run"))):
+                teardown(sd, st, lazy=True)
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(rounds, indent=1))
