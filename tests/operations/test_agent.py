@@ -156,7 +156,8 @@ def test_agent_killed_mid_copy_copies_again_only_the_rest(tmp_path: Path):
     try:
         wait_for(lambda: any(r["kind"] == "copy" and r["result"] == "running" for r in jobs(pool)),
                  what="a running copy")
-        time.sleep(2.5)
+        wait_for(lambda: len([p for p in (tmp_path / "second").rglob("*") if p.is_file()]) > 8,
+                 what="the copy's first packs")
         kill9(agent)
         res = run_cli(pool, "agent", "--policy", policy, "--once", timeout=300)
         assert res.returncode == 0, res.stderr

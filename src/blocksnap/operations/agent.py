@@ -157,6 +157,7 @@ class Agent:
 
     # -- one look at the clock ----------------------------------------------
     def _tick(self) -> int:
+        self._install_signals()      # again: a drill's FUSE thread (libfuse) may have taken SIGTERM's handler
         now = self.clock()
         self.heartbeat = now
         self._reap()

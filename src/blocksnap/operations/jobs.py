@@ -163,7 +163,6 @@ def _backup_source(env: JobEnv, rule: VolumeRule, due: Due, now: float) -> dict[
 
 
 def run_backup(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop, now: float) -> Outcome:
-    from ..backup.maintain import prune
     from ..backup.make import make_backup
     snap = _backup_source(env, rule, due, now)
     ref = f"{due.volume}@{snap['name']}"
@@ -191,14 +190,34 @@ def run_backup(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop, now: float) 
                   info=dict(info, mode=res["mode"], backup_id=res["id"], base=res.get("base"), note=res.get("note")))
     if rule.keep_backups:
         group = (env.origin["host"], env.origin["pool"], due.volume)
-        pr = prune(repo, rule.keep_backups, groups={group})
-        out.info["retention"] = {"removed": pr["removed"], "packs_deleted": pr["packs_deleted"]}
+        out.info["retention"] = prune_backups(repo, rule.keep_backups, group, stop)
     return out
+
+
+PRUNE_TRIES = 6      # a prune needs the repository alone: wait 1, 2, 4... s for other jobs' locks
+
+
+def prune_backups(repo, rules: KeepRules, group: tuple[str, str, str], stop: Stop) -> dict[str, Any]:
+    """Retention after a success. It needs the repository alone, so another volume's
+    backup or a copy there makes it wait a little, then give up until the next success
+    (it is not this job's failure: the backup is made and kept)."""
+    from ..backup.maintain import prune
+    from ..errors import Busy
+    for attempt in range(PRUNE_TRIES):
+        try:
+            pr = prune(repo, rules, groups={group})
+            return {"removed": pr["removed"], "packs_deleted": pr["packs_deleted"]}
+        except Busy as e:
+            if attempt == PRUNE_TRIES - 1:
+                return {"deferred": str(e)}
+            stop.event.wait(2 ** attempt)
+        except BlocksnapError as e:
+            return {"error": str(e)}
+    return {}
 
 
 def run_copy(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop) -> Outcome:
     from ..backup.copy import copy_backups
-    from ..backup.maintain import prune
     src = open_repository(env.policy.repositories[due.source or ""])
     dst = open_repository(env.policy.repositories[due.target], create=True)
     group = (env.origin["host"], env.origin["pool"], due.volume)
@@ -211,7 +230,7 @@ def run_copy(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop) -> Outcome:
                   info={"from": due.source, "copied": res["copied"], "skipped": len(res["skipped"]),
                         "chunks_sent": res["chunks_sent"], "chunks_present": res["chunks_present"]})
     if rule.keep_backups:
-        out.info["retention"] = {"removed": prune(dst, rule.keep_backups, groups={group})["removed"]}
+        out.info["retention"] = prune_backups(dst, rule.keep_backups, group, stop)
     return out
 
 

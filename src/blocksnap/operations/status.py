@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BlocksnapError
+from ..errors import BlocksnapError, NotFound
 from ..service.runner import call
 from . import schedule
 from .jobs import open_repository
@@ -48,6 +48,9 @@ def read_repository(repo: Repository, cycle: float | None, now: float) -> RepoVi
             except ImportError:      # verification coverage not available in this build
                 rep.verify_coverage = None
         return RepoView(rep, infos, now)
+    except NotFound as e:        # not made yet: its first backup or copy creates it
+        rep.bytes, rep.error = 0, str(e)
+        return RepoView(rep, [], now)
     except BlocksnapError as e:
         rep.reachable, rep.error = False, str(e)
         return RepoView(rep, [], now)
