@@ -194,3 +194,24 @@ def test_retention_never_takes_the_base_of_the_next_incremental(tmp_path: Path):
     assert sorted(names) == sorted({"mine", base, newest})               # the others went, by last = 1
     kept = next(r for r in jobs(pool) if r["kind"] == "snapshot")["info"]["retention"]["kept_as_base"]
     assert kept == [base]
+
+
+def test_retention_waits_for_the_repository_then_defers(tmp_path: Path, monkeypatch):
+    import threading as th
+
+    from blocksnap.backup.repo import Repository
+    from blocksnap.operations import jobs as jobs_mod
+    from blocksnap.retention import Policy as Keep
+    url = f"file://{tmp_path / 'repo'}"
+    pool = make_pool(tmp_path / "pool", {"vm1": M})
+    run_cli(pool, "snapshot", "create", "vm1@a", check=True)
+    run_cli(pool, "backup", "vm1@a", "--repo", url, env={"BLOCKSNAP_REPO_PASSWORD": "x"}, check=True)
+    repo, _ = Repository.open(url, lambda _new: b"x")
+    other, _ = Repository.open(url, lambda _new: b"x")
+    stop = jobs_mod.Stop(float("inf"), th.Event())
+    monkeypatch.setattr(jobs_mod, "PRUNE_TRIES", 2)
+    with other.lock("backup"):                 # another volume's backup holds the repository
+        out = jobs_mod.prune_backups(repo, Keep(last=1), ("h", "p", "vm1"), stop)
+    assert "is locked by backup" in out["deferred"]
+    assert jobs_mod.prune_backups(repo, Keep(last=1), ("h", "p", "vm1"), stop) == {"removed": [],
+                                                                                  "packs_deleted": 0}
