@@ -32,8 +32,18 @@ def volume_rows(rep: Report) -> list[dict[str, str]]:
                      + (f" rto {v.drill.rto_seconds:.0f}s" if v.drill.rto_seconds else ""),
             "rto hot/cold": "/".join(format_duration(v.rto_expected.get(k)) for k in ("hot", "cold")),
             "failed": ", ".join(f"{j.kind}{':' + j.target if j.target else ''}" for j in failed) or "-",
+            "hydration": _hydration(v.hydration),
         })
     return rows
+
+
+def _hydration(h: dict | None) -> str:
+    if not h:
+        return "-"
+    if h.get("state") == "done" or h.get("finished"):
+        return "done"
+    pct = h.get("percent")
+    return f"{h.get('state', 'hydrating')} {pct:.0f}%" if isinstance(pct, (int, float)) else str(h.get("state"))
 
 
 def storage_rows(rep: Report) -> list[dict[str, str]]:

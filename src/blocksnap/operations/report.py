@@ -82,6 +82,7 @@ class VolumeReport:
     drill: Drill = field(default_factory=Drill)
     rto_target: float | None = None
     rto_expected: dict[str, float | None] = field(default_factory=dict)   # hot, warm, cold
+    hydration: dict | None = None             # an instant recovery still copying in (recovery/hydrate.py)
 
 
 @dataclass

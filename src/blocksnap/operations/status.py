@@ -134,6 +134,7 @@ def build_report(pool: str, policy: Policy | None, now: float | None = None, cac
     report = Report(time=now, host=host, pool=pr, agent_heartbeat=heartbeat, policy_error=policy_error,
                     storage_threshold=policy.alerts.storage_threshold if policy else 0.9)
     plan = schedule.plan(policy, facts, now) if policy else []
+    hydrating = {v["name"]: v["hydration"] for v in st["volume_list"] if v.get("hydration")}
     views: dict[str, RepoView] = {}
     if policy:
         cycles = schedule.verify_targets(policy, [f.name for f in facts if f.name])
@@ -151,6 +152,7 @@ def build_report(pool: str, policy: Policy | None, now: float | None = None, cac
         rule = policy.rule_for(f.name) if policy else None
         vr = VolumeReport(volume=f.name, rpo=rule.rpo if rule else None, rto_target=rule.rto if rule else None)
         vr.newest_snapshot, vr.newest_snapshot_created = f.newest_name, f.newest_snapshot
+        vr.hydration = hydrating.get(f.name)
         vr.jobs = _job_stats(summary, f.name)
         vr.drill = _drill(summary, f.name)
         points = [f.newest_snapshot] if f.newest_snapshot else []
