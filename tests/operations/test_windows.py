@@ -106,3 +106,33 @@ def test_never_open_window_is_found():
     assert windows.longest_open_minutes(Window(ranges=[TimeRange(22 * 60, 6 * 60)])) == 480
     assert windows.longest_open_minutes(Window(ranges=[TimeRange(0, 1440)], days=[5, 6, 0])) == 3 * 1440
     assert windows.longest_open_minutes(Window()) == 7 * 1440
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=window_strategy(), zone=st.sampled_from(ZONES), anchor=st.sampled_from(ANCHORS),
+       offset=st.integers(0, 86400), since=st.integers(0, 2 * 86400), every=st.sampled_from([900, 3600, 86400]))
+def test_the_scheduler_starts_a_backup_at_the_models_first_open_minute(w: Window, zone: str, anchor: float,
+                                                                      offset: int, since: int, every: int):
+    """plan()'s backup start: the first minute, at or after both now and the due time
+    (the last recovery point + every), that the minute-by-minute model calls open."""
+    from blocksnap.operations import schedule
+    from blocksnap.operations.model import BackupRule, Policy, Repository, Schedule, VolumeRule
+    from blocksnap.operations.schedule import JobFacts, VolumeFacts
+    tz = ZoneInfo(zone)
+    now = float((int(anchor + offset) // 60) * 60)
+    last = now - since
+    policy = Policy(path="p", timezone=zone, repositories={"r": Repository("r", "file:///r")},
+                    volumes=[VolumeRule(match=["v"], backup=BackupRule(to=["r"], schedule=Schedule(every=every),
+                                                                         window=w))])
+    ok = {"started": last, "ended": last, "result": "ok", "info": {"snapshot_created": last}}
+    v = VolumeFacts("v", jobs={("backup", "r"): JobFacts(last_ok=ok, last=ok)})
+    d = next(d for d in schedule.plan(policy, [v], now) if d.kind == "backup")
+    due = max(now, last + every)
+    first = float((int(due + 59) // 60) * 60) if due % 60 else due
+    expect = next((first + 60 * i for i in range(9 * 1440) if model_open(w, tz, first + 60 * i)), None)
+    if expect is None:
+        assert d.at == math.inf or d.at - due >= 9 * 86400
+    elif model_open(w, tz, due):
+        assert d.at == due                     # open now: at once, not at the next whole minute
+    else:
+        assert d.at == expect
