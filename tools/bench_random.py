@@ -98,7 +98,7 @@ def target(name: str, work: str, size: int, env: dict) -> Iterator[dict]:
     if name == "qsd":
         img, export = os.path.join(work, "disk.qcow2"), os.path.join(work, "qsd.export")
         sh("qemu-img", "create", "-q", "-f", "qcow2", img, str(size))
-        with env["qsd"](img, export) as proc, loop(export, True) as dev:
+        with env["qsd"](img, export) as proc, loop(export, env.get("qsd_dio", True)) as dev:
             yield {"dev": dev, "pid": proc.pid, "snapshot": lambda: None, "written": None}
         return
     mode = "cow" if name.startswith("cow") else "row"

@@ -10,6 +10,7 @@ The copy is committed before the origin is written.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
@@ -51,6 +52,10 @@ class CowVolume(VolumeBase):
         self._big_n = 0         # blocks of the largest write lately (decays on restarts)
         self._copy_buf = bytearray()
         self._stream_len = 0
+        self._copied: set[int] = set()   # blocks copied in the open transaction ...
+        self._copied_epoch = -1          # ... of this commit epoch
+        self._gc = threading.Condition()  # group commit: one writer commits for all
+        self._gc_leader = False
 
     def row(self) -> VolumeRow:
         return VolumeRow(self.name, self.mode, self.size, self.block_size, self.origin,
@@ -105,19 +110,59 @@ class CowVolume(VolumeBase):
                 self.origin_store.preadinto(out, offset)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        data = memoryview(data).cast("B")
-        with self.pool.lock:
-            self._check()
-            self._bounds(offset, len(data))
-            if not len(data):
-                return
-            bs = self.block_size
-            self._preserve(offset // bs, -(-(offset + len(data)) // bs))
-            self.origin_store.pwrite(data, offset)
-            self._origin_dirty = True
+        """Copy what the newest snapshot still needs, commit, then write the origin.
 
-    def _preserve(self, b0: int, b1: int) -> None:
-        """Copy blocks the newest snapshot still reads from the origin, and commit.
+        Writers on several threads (FUSE) share commits: one that copied blocks
+        lets go of the pool lock and waits for a commit made after its copies (it
+        makes it itself if nobody is), then checks again under the lock, since a
+        snapshot may have been taken meanwhile. A caller that holds the pool lock
+        already (discard, rollback) commits at once, as before.
+        """
+        data = memoryview(data).cast("B")
+        group = not self.pool.lock._is_owned()
+        first = True
+        while True:
+            with self.pool.lock:
+                self._check()
+                self._bounds(offset, len(data))
+                if not len(data):
+                    return
+                bs = self.block_size
+                need = self._preserve(offset // bs, -(-(offset + len(data)) // bs), track=first)
+                if need and not group:
+                    self.pool.commit(sync_origins=False)
+                    need = False
+                if not need:   # (I5: every copy this range needs is committed)
+                    self.origin_store.pwrite(data, offset)
+                    self._origin_dirty = True
+                    return
+                gen = self.pool.commit_epoch
+            first = False
+            self._group_commit(gen)
+
+    def _group_commit(self, gen: int) -> None:
+        """Return once a commit after epoch `gen` is done (made here if no other
+        writer is making one)."""
+        with self._gc:
+            while self.pool.commit_epoch == gen and self._gc_leader:
+                self._gc.wait(0.1)
+            if self.pool.commit_epoch != gen:
+                return
+            self._gc_leader = True
+        try:
+            with self.pool.lock:
+                if self.pool.commit_epoch == gen:
+                    self.pool.commit(sync_origins=False)
+        finally:
+            with self._gc:
+                self._gc_leader = False
+                self._gc.notify_all()
+
+    def _preserve(self, b0: int, b1: int, track: bool = True) -> bool:
+        """Copy blocks the newest snapshot still reads from the origin; True when a
+        commit must come before the origin is written (copies made now, or earlier
+        in the open transaction by another writer). `track`: count the write for
+        the sequential-stream detection (False when a writer checks again).
 
         A sequential writer would pay a commit (two fsyncs) per request; so when a
         write continues the previous one, blocks ahead of it are preserved in the
@@ -127,21 +172,29 @@ class CowVolume(VolumeBase):
         mostly waits for the synchronous copy of every byte.)
         """
         if not self.snapshot_rows:
-            return
+            return False
         pool, bs = self.pool, self.block_size
+        if self._copied_epoch != pool.commit_epoch:
+            self._copied.clear()
+            self._copied_epoch = pool.commit_epoch
         newest = self.trees[self.snapshot_rows[-1].name]
         ptrs, _ = pool.maps.get_range(newest, b0, b1)
+        if not track:
+            if not (ptrs == HOLE).any():
+                return bool(self._copied) and not self._copied.isdisjoint(range(b0, b1))
+            sequential = False
         # part of the stream when it starts at its end, give or take a request or two:
         # the loop device cuts a 1 MiB write into two or three requests sent at once,
         # which arrive in any order (an exact match made a quarter of them restart
         # the stream); "a request" is the largest one seen lately
-        w = max(b1 - b0, self._big_n)
-        sequential = self._stream_end - 2 * w - 1 <= b0 <= self._stream_end + w
-        self._big_n = w if sequential else max(b1 - b0, self._big_n // 2)
-        self._stream_len = self._stream_len + (b1 - b0) if sequential else b1 - b0
-        self._stream_end = max(self._stream_end, b1) if sequential else b1
-        if not (ptrs == HOLE).any():
-            return
+        else:
+            w = max(b1 - b0, self._big_n)
+            sequential = self._stream_end - 2 * w - 1 <= b0 <= self._stream_end + w
+            self._big_n = w if sequential else max(b1 - b0, self._big_n // 2)
+            self._stream_len = self._stream_len + (b1 - b0) if sequential else b1 - b0
+            self._stream_end = max(self._stream_end, b1) if sequential else b1
+            if not (ptrs == HOLE).any():
+                return bool(self._copied) and not self._copied.isdisjoint(range(b0, b1))
         ahead = min(COPY_AHEAD_MAX, self._stream_len * bs // 4) // bs if sequential else 0
         hi = min(self.nblocks, b1 + max(ahead, 0))
         if hi > b1:
@@ -163,7 +216,8 @@ class CowVolume(VolumeBase):
                 sums = np.zeros(n, np.uint64)
                 sums[which] = block_sums(buf, which, bs)
                 pool.maps.set_range(newest, b0 + s0, entries, sums)
-        pool.commit(sync_origins=False)
+                self._copied.update(range(b0 + s0, b0 + s0 + n))
+        return True
 
     def discard(self, offset: int, length: int) -> None:
         """Zero a range of the origin (after preserving it for the snapshots)."""
