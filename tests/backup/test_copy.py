@@ -93,7 +93,7 @@ def test_a_copy_restores_like_the_original(kinds, src: Path, tmp_path: Path, s3_
     assert not set(map(bytes, ra.read_manifest(s1).ids)) & set(map(bytes, rb.read_manifest(s1).ids))
     # again: nothing to do, nothing fetched or sent
     res = copy(src, a, b, "--all")
-    assert res["copied"] == [] and res["skipped"] == [s1, s2, s3]
+    assert res["copied"] == [] and sorted(res["skipped"]) == sorted([s1, s2, s3])   # (by ID: not read)
     assert res["bytes_fetched"] == res["bytes_sent"] == 0
 
 
@@ -267,4 +267,4 @@ def test_the_python_api_and_the_translation_folded(src: Path, tmp_path: Path, mo
         _, known = idmap.lookup(keys_of(ra.read_manifest(bid).ids))
         assert known.all()
     res = copy_mod.copy_backups(ra, rb, None)
-    assert res["skipped"] == made and res["bytes_fetched"] == 0
+    assert sorted(res["skipped"]) == sorted(made) and res["bytes_fetched"] == 0

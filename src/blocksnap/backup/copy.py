@@ -134,7 +134,7 @@ class IdMap:
 
 def select(src: Repository, ids: list[str] | None, have: set[str]) -> tuple[list[Manifest], list[str]]:
     """(the backups named to copy, oldest first, so that a base is copied before the
-    backups made on it; the IDs among them already in `have`). `ids` are IDs or
+    backups made on it; the IDs among them already in `have`, in ID order). `ids` are IDs or
     unique prefixes (None: all); an unknown one fails before anything is copied.
     Only the manifests to copy are read (the agent names every backup of a volume
     each time)."""
