@@ -185,7 +185,7 @@ def bench_overwrite(root: str, mib: int) -> dict:
     return out
 
 
-def bench_many_snapshots(root: str, counts=(3, 300), writes: int = 4096, per_snap: int = 64,
+def bench_many_snapshots(root: str, counts=(3, 300), writes: int = 16384, per_snap: int = 64,
                          rounds: int = 3) -> dict:
     """Time of `writes` random 64 KiB writes (then a flush) on an 8 GiB ROW volume
     that has `count` snapshots, each taken after `per_snap` such writes (so the
