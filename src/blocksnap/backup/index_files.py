@@ -60,7 +60,6 @@ MERGED = "-merged-"          # a merged index's name: MERGED + 32 hex digits
 LOOSE_MAX = 64               # a backup merges the loose indexes when it finds more
 MERGED_CHUNKS = 1 << 20      # chunks in one merged index at most (28 MiB before sealing)
 READERS = 8                  # index objects fetched at once
-DELETERS = 16                # replaced index objects deleted at once
 _MAGIC, _VERSION = b"bsmi", 1
 _HEAD = struct.Struct("<4sIII")
 _N = struct.Struct("<I")
@@ -291,10 +290,5 @@ def merge(repo: Repository, objects: list[IndexObject], replace: set[str], drop:
         parts[part[0]] = part
     new = write_merged(repo, (parts[p] for p in sorted(parts)))
     gone = [o.key for o in objects if o.name in replace]
-
-    def delete(keys: list[str]) -> None:
-        for key in keys:
-            repo.backend.delete(key)
-    with ThreadPoolExecutor(max_workers=DELETERS, thread_name_prefix="index-delete") as pool:
-        list(pool.map(delete, batches(gone, DELETERS)))     # only after every merged object is stored
+    repo.backend.delete_many(gone)      # only after every merged object is stored (S3: 1,000 a request)
     return new
