@@ -2,9 +2,11 @@
 # The blocksnap demo: a pool in ./demo/pool; an ext4 image imported, snapshotted,
 # changed, diffed, exported, sent to a second pool and backed up to an encrypted
 # repository and restored; a 4 TiB thin volume backed up at the cost of what it
-# holds; a live volume attached as a loop device through
+# holds; a backup mounted without a restore, a restore drill, instant recovery
+# into a live volume; a live volume attached as a loop device through
 # FUSE, snapshotted with its filesystem frozen, a file pulled back from the
-# snapshot mounted read-only; rollback, scrub, check. Run as root on Debian:
+# snapshot mounted read-only; a policy run by the agent (snapshots, backups, a
+# 3-2-1 copy, verification, metrics, an alert); rollback, scrub, check. Run as root on Debian:
 #     bash tools/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +74,22 @@ run blocksnap verify --read-data
 run blocksnap prune --keep-last 1
 run e2fsck -fn "$DEMO/restored-after.img"
 
+step "recovery without a restore: a backup's files mounted, a restore drill, instant recovery into a live volume"
+MB=$DEMO/mnt-backup; mkdir -p "$MB"
+run blocksnap mount "$LAST" "$MB"                  # chunks fetched on demand, nothing restored
+run cat "$MB/app.conf"
+run blocksnap umount "$MB"
+run blocksnap drill "$LAST" --check fsck          # brought up on a throwaway overlay, fsck'd, RTO measured
+run blocksnap volume create vm1-now --from-backup "$LAST"     # usable at once; the rest hydrates in the background
+for _ in $(seq 120); do
+    blocksnap volume show vm1-now --json | python3 -c 'import json, sys; h = json.load(sys.stdin).get("hydration", {}); sys.exit(0 if h.get("state") in (None, "done") or h.get("finished") else 1)' && break
+    sleep 0.5
+done
+run blocksnap volume show vm1-now
+run blocksnap snapshot create vm1-now@hydrated
+run blocksnap export vm1-now@hydrated "$DEMO/now.img"
+run cmp "$DEMO/now.img" "$DEMO/after.img" && echo "the instantly recovered volume, hydrated, equals the snapshot backed up"
+
 step "a 4 TiB thin volume holding 32 MiB: its backups cost what it holds (sparse manifests)"
 run blocksnap volume create huge --size 4T
 python3 -c '
@@ -115,6 +133,80 @@ run cat "$MNT/index.html"
 run blocksnap snapshot show www@v1
 run umount "$MNT"
 run blocksnap detach www
+run blocksnap stop
+trap - EXIT
+
+step "a policy the agent carries out by itself: snapshots, backups, a 3-2-1 copy, verification, metrics, alerts"
+echo "demo password" > "$DEMO/repo.pass"; chmod 600 "$DEMO/repo.pass"
+HOOK_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+METRICS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$DEMO/policy.toml" <<TOML
+[[repository]]
+name = "local"
+url = "file://$DEMO/repo-policy"
+password_file = "$DEMO/repo.pass"
+
+[[repository]]
+name = "usb"                      # the copy off site (a removable disk, here a directory)
+url = "file://$DEMO/repo-usb"
+password_file = "$DEMO/repo.pass"
+medium = "removable"
+offsite = true
+
+[[repository]]
+name = "dead"                     # an S3 endpoint nobody answers: its backups fail, and say so
+url = "s3://nowhere/blocksnap"
+endpoint = "http://127.0.0.1:9"
+password_file = "$DEMO/repo.pass"
+
+[[volume]]
+match = ["vm1", "www"]
+rpo = "1h"
+snapshot = { every = "15m" }
+keep_snapshots = { last = 3 }
+backup = { to = ["local"], every = "1h", full = ["sun"] }
+keep_backups = { daily = 7, weekly = 4 }
+copy = [{ from = "local", to = "usb", every = "1d" }]
+verify = { cycle = "30d", budget = "1G" }
+
+[[volume]]
+match = ["huge"]
+rpo = "1d"
+backup = { to = ["dead"], every = "1d" }
+
+[alerts]
+webhook = ["http://127.0.0.1:$HOOK_PORT/hook"]
+
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
+TOML
+run blocksnap policy check "$DEMO/policy.toml"
+python3 - "$HOOK_PORT" > "$DEMO/alerts.log" 2>&1 <<'PY' &
+import http.server, json, sys
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        a = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        print(f"alert received: {a['status']} {a['key']}: {a['summary']}", flush=True)
+        self.send_response(200); self.end_headers()
+    def log_message(self, *args): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+PY
+HOOK_PID=$!
+echo "$ blocksnap agent --policy $DEMO/policy.toml   (for 25 seconds, in the background)"
+blocksnap agent --policy "$DEMO/policy.toml" 2> "$DEMO/agent.log" &
+AGENT_PID=$!
+trap 'kill $AGENT_PID $HOOK_PID 2>/dev/null || true; blocksnap stop --force >/dev/null 2>&1 || true' EXIT
+sleep 25
+run blocksnap jobs
+run blocksnap status --policy "$DEMO/policy.toml"
+echo "$ curl http://127.0.0.1:$METRICS_PORT/metrics | grep ..."
+python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$METRICS_PORT/metrics').read().decode())" \
+    | grep -E '^blocksnap_(recovery_point_age_seconds|copies|verify_coverage_ratio|job_failures_total)' || true
+cat "$DEMO/alerts.log"
+echo "$ blocksnap status --check   (for a monitor: its exit status says the worst)"
+blocksnap status --policy "$DEMO/policy.toml" --check || echo "exit status $?"
+kill "$AGENT_PID"; wait "$AGENT_PID" || true
+kill "$HOOK_PID" 2>/dev/null || true
 run blocksnap stop
 trap - EXIT
 

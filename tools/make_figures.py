@@ -27,7 +27,8 @@ def layers(ax):
     ax.set_title("Layers (each calls only downward)", fontsize=11, weight="bold")
     rows = [
         ("command line (click)  cli/", "#dbe9f6"),
-        ("service: ops, runner, daemon + control socket,\nhook orchestration  service/", "#e3f1df"),
+        ("service: ops, runner, daemon + control socket,\nhooks orchestration  service/;  agent  operations/",
+         "#e3f1df"),
         ("engine: pool, ROW/COW volumes, snapshots,\nradix block maps, space, catalog  engine/", "#fdf0d5"),
         ("block store: pread/pwrite/fsync/punch  store/", "#f6dede"),
     ]
@@ -35,14 +36,16 @@ def layers(ax):
         box(ax, 0.05, 0.78 - i * 0.2, 0.6, 0.15, t, c)
         if i:
             arrow(ax, (0.35, 0.78 - (i - 1) * 0.2), (0.35, 0.93 - i * 0.2))
-    subs = [("fuse/ (tree, daemon side)\nwrite-behind queue per\nlive image", "#eee"), ("hooks/", "#eee"),
+    subs = [("fuse/ (tree, daemon side)\nwrite-behind queue", "#eee"), ("hooks/ (freeze)", "#eee"),
             ("streams/ (send, receive)", "#eee"),
-            ("backup/ (reads a send stream;\npacks, manifests, prune;\nfile:// or S3)", "#eee")]
+            ("backup/ (send stream in;\npacks, manifests, copy,\nverify coverage; file://, S3)", "#eee"),
+            ("operations/ (policy, scheduler,\nagent, status, metrics, alerts)", "#eee"),
+            ("recovery/ (backup mount,\ndrills, instant recovery)", "#eee")]
     for i, (t, c) in enumerate(subs):
-        box(ax, 0.72, 0.74 - i * 0.155, 0.25, 0.13, t, c, 7)
-    ax.text(0.845, 0.885, "subpackages", ha="center", fontsize=8, style="italic")
+        box(ax, 0.72, 0.81 - i * 0.13, 0.25, 0.085, t, c, 6.5)
+    ax.text(0.845, 0.925, "subpackages", ha="center", fontsize=8, style="italic")
     box(ax, 0.05, 0.0, 0.9, 0.12, "pool directory:  catalog.db (SQLite, WAL)  |  data (sparse file or --data device)\n"
-        "lock (flock)  |  daemon.sock (0600)  |  daemon.log", "#f4f4f4", 8)
+        "lock (flock)  |  daemon.sock (0600)  |  daemon.log  |  agent/ (lock, state, alerts)  |  inplace", "#f4f4f4", 8)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1)
     ax.axis("off")
