@@ -193,7 +193,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
 PY
 HOOK_PID=$!
 echo "$ blocksnap agent --policy $DEMO/policy.toml   (for 25 seconds, in the background)"
-blocksnap agent --policy "$DEMO/policy.toml" 2> "$DEMO/agent.log" &
+AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo blocksnap agent --policy "$DEMO/policy.toml" 2> "$DEMO/agent.log" &
 AGENT_PID=$!
 trap 'kill $AGENT_PID $HOOK_PID 2>/dev/null || true; blocksnap stop --force >/dev/null 2>&1 || true' EXIT
 sleep 25

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 log = logging.getLogger("blocksnap.agent")
+HEARTBEAT_RETRY = 60.0       # seconds before a failed heartbeat is written again
 
 
 class Publisher:
@@ -109,8 +110,9 @@ class Publisher:
             try:
                 write_heartbeat(open_repository(repo), report.host, os.path.abspath(agent.pool), now,
                                 agent.heartbeat_every, vols)
-                self.beats[repo.name] = now        # (a failure is tried again at the next look)
-            except BlocksnapError as e:
+                self.beats[repo.name] = now
+            except BlocksnapError as e:            # tried again in a minute (the alerts say it is unreachable)
+                self.beats[repo.name] = now - agent.heartbeat_every + HEARTBEAT_RETRY
                 log.info("heartbeat to %s: %s", repo.name, e)
 
     def ping(self, agent: Agent, d: Due, event: str, message: str = "") -> None:
