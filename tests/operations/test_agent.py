@@ -220,3 +220,15 @@ def test_retention_waits_for_the_repository_then_defers(tmp_path: Path, monkeypa
     assert "is locked by backup" in out["deferred"]
     assert jobs_mod.prune_backups(repo, Keep(last=1), ("h", "p", "vm1"), stop) == {"removed": [],
                                                                                   "packs_deleted": 0}
+
+
+def test_two_snapshots_in_one_second_get_two_names(tmp_path: Path):
+    from blocksnap.operations import jobs as jobs_mod
+    from blocksnap.operations.policy import load
+    pool = make_pool(tmp_path / "pool", {"vm1": M})
+    policy = load(str(write_policy(tmp_path, POLICY)))
+    env = jobs_mod.JobEnv(str(pool), policy, Settings.from_env())
+    now = time.time()
+    names = [jobs_mod.take_snapshot(env, policy.rule_for("vm1"), "vm1", now)["name"] for _ in range(3)]
+    base = jobs_mod.snapshot_name(now)
+    assert names == [base, f"{base}-1", f"{base}-2"]

@@ -70,6 +70,7 @@ class Agent:
         self.reload_asked = False
         self.running: dict[tuple[str, str, str], threading.Thread] = {}
         self.in_use: set[str] = set()      # snapshots running jobs read (VOLUME@NAME): never pruned
+        self.snapshot_lock = threading.Lock()   # one snapshot taken at a time (names by the second)
         self.ran: set[tuple[str, str, str]] = set()
         self.cache = RepoCache()
         self.runner = f"{socket.gethostname()}:{os.getpid()}"
@@ -218,7 +219,7 @@ class Agent:
             log.error("%s: %s (the next agent records it as interrupted)", _what(d), e)
 
     def _run_job(self, d: Due, facts: schedule.VolumeFacts) -> None:
-        env = jobs.JobEnv(self.pool, self.policy, self.settings, in_use=self.in_use)
+        env = jobs.JobEnv(self.pool, self.policy, self.settings, in_use=self.in_use, snapshot_lock=self.snapshot_lock)
         started = self.clock()
         info: dict[str, Any] = {"mode": d.mode, "reason": d.reason}
         if d.source:
@@ -246,6 +247,8 @@ class Agent:
         for name in (d.target, d.source):
             if name:
                 self.cache.invalidate(name)
+                if self.publisher:
+                    self.publisher.repository_changed(name)
 
     def _dispatch(self, env: jobs.JobEnv, d: Due, facts: schedule.VolumeFacts, stop: jobs.Stop,
                   now: float) -> jobs.Outcome:

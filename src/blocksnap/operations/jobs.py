@@ -66,6 +66,7 @@ class JobEnv:
     policy: Policy
     settings: Settings
     in_use: set[str] = field(default_factory=set)     # VOLUME@NAME read by running jobs (agent-wide)
+    snapshot_lock: threading.Lock = field(default_factory=threading.Lock)   # agent-wide: naming and taking
     host: str = field(default_factory=socket.gethostname)
 
     @property
@@ -95,16 +96,17 @@ def snapshot_name(now: float) -> str:
 
 def take_snapshot(env: JobEnv, rule: VolumeRule, volume: str, now: float) -> dict[str, Any]:
     s = rule.snapshot
-    name = snapshot_name(now)
-    taken = {x["name"] for x in call(env.pool, "snapshot_list", volume=volume)}
-    while name in taken:                         # two in one second
-        name = snapshot_name(now) + f"-{len(taken)}"
-        taken.add(name)
     kw: dict[str, Any] = {}
     if s:
         kw = dict(fs=s.freeze, pg=s.pg, mysql=s.mysql, pre=s.pre, post=s.post, timeout=s.timeout)
-    return create_snapshot(env.pool, f"{volume}@{name}", {AGENT_LABEL: AGENT_LABEL_VALUE}, settings=env.settings,
-                           **kw)
+    with env.snapshot_lock:      # the snapshot job and a backup needing one may both take one this second
+        taken = {x["name"] for x in call(env.pool, "snapshot_list", volume=volume)}
+        base = name = snapshot_name(now)
+        n = 1
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        return create_snapshot(env.pool, f"{volume}@{name}", {AGENT_LABEL: AGENT_LABEL_VALUE},
+                               settings=env.settings, **kw)
 
 
 def protected_snapshots(facts: VolumeFacts) -> set[str]:

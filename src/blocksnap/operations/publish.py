@@ -115,6 +115,10 @@ class Publisher:
                 self.beats[repo.name] = now - agent.heartbeat_every + HEARTBEAT_RETRY
                 log.info("heartbeat to %s: %s", repo.name, e)
 
+    def repository_changed(self, name: str) -> None:
+        """A job wrote there (perhaps made it): its heartbeat goes at the next look."""
+        self.beats.pop(name, None)
+
     def ping(self, agent: Agent, d: Due, event: str, message: str = "") -> None:
         if not agent.policy.alerts.ping:
             return
