@@ -75,7 +75,6 @@ class Agent:
         self.cache = RepoCache()
         self.runner = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat: float | None = None
-        self.last_repo_heartbeat = 0.0
         self.report = None
         self.report_host = socket.gethostname()
         self.heartbeat_every = HEARTBEAT_EVERY
