@@ -146,7 +146,8 @@ def fio_verify(dev: str, offset: int, size: int, seed: int) -> None:
     yet: read-modify-write), read back and checked by fio itself."""
     sh("fio", "--name=hydrating", f"--filename={dev}", "--rw=randwrite", "--bs=4k", "--direct=1",
        "--ioengine=psync", f"--offset={offset}", f"--size={size}", "--verify=crc32c", "--do_verify=1",
-       "--verify_fatal=1", f"--randseed={seed}", "--fsync_on_close=1", "--output-format=terse", timeout=600)
+       "--verify_fatal=1", "--verify_state_save=0", f"--randseed={seed}", "--fsync_on_close=1",
+       "--output-format=terse", timeout=600)      # (no verify state file left in the working directory)
 
 
 def pwrite_model(img: Path, model: bytearray, rnd: random.Random, n: int, bs: int = 64 << 10) -> None:
