@@ -24,6 +24,7 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import OutOfSpace
+from blocksnap.fuse import write_behind
 from blocksnap.fuse.write_behind import CHUNK, KICK, LOW_WATER, SMALL, SpaceGuard, VolumeQueue, Writeback
 from tests.conftest import run_cli
 
@@ -223,6 +224,8 @@ def test_a_later_error_fails_the_next_write_and_one_flush():
         q.close()
 
 
+@pytest.mark.skipif(not write_behind.INLINE, reason="inline small writes are off (write_behind.INLINE): "
+                    "a snapshot lacked an acknowledged write once with them; docs/performance.md")
 def test_small_random_writes_go_inline_and_keep_their_order():
     """A small write that continues nothing queued reaches the engine before it
     returns (a chunk of its own would be a queue of one); one that overlaps queued

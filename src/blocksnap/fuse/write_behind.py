@@ -43,6 +43,10 @@ IDLE = 0.0005            # seconds an open chunk waits for the next request
 LOW_WATER = 2 * CHUNK * LIMIT   # below this much free space beyond the queue: write through
 KICK = 32 << 20          # bytes written by the workers between two writeback starts
 SMALL = 128 << 10        # a request up to this size that continues nothing queued is written inline
+# ... when INLINE is on. Off: the clean-clone CI run of 2026-12-03 failed the kill -9
+# model test once with it (a snapshot lacking an acknowledged write, in a run with
+# inline writes; not reproduced or explained yet), so every write is queued as before.
+INLINE = False
 
 
 def _address(view: memoryview) -> int:
@@ -193,7 +197,7 @@ class VolumeQueue:
             full = inline = False
             if queue and not self.closed and len(data) <= CHUNK - ALIGN:   # (fits any chunk)
                 full = not self.space.reserve(need)
-                if not full and len(data) <= SMALL and not self._joins(offset, end):
+                if INLINE and not full and len(data) <= SMALL and not self._joins(offset, end):
                     inline = True   # random small writes: a chunk each would be a queue of one
                 else:
                     chunk = None if full else self._chunk_for(offset, end)
