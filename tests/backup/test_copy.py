@@ -235,7 +235,7 @@ def test_copy_to_and_from_radosgw(ceph, bucket: str, src: Path, tmp_path: Path):
         assert out.read_bytes() == export(src, "v@s3", tmp_path / "e")
         out.unlink()
     got = run("prune", "--keep-last", "1", *g.repo_args())
-    assert got["removed"] == made[:2]
+    assert sorted(got["removed"]) == sorted(made[:2])   # (the report lists by ID: same-second IDs sort by their suffix)
     assert run("verify", "--read-data", *g.repo_args())["problems"] == []
 
 
