@@ -101,13 +101,16 @@ def round_(work: str, src: str, r: int) -> dict[str, float]:
     return res
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """--size, --repeat, --json: what every round-based benchmark takes."""
+def parse_args(doc: str, extra=None) -> argparse.Namespace:
+    """--size, --repeat, --json: what every round-based benchmark takes (`extra(parser)`
+    adds a benchmark's own options)."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--size", default="512M")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--changed", type=float, default=0.1, help="share of the blocks v@s2 rewrites")
+    if extra is not None:
+        extra(ap)
     return ap.parse_args()
 
 
