@@ -344,3 +344,37 @@ def test_version_and_help(tmp_path):
         assert cmd in res.stdout
     res = run_cli(tmp_path / "none", "snapshot", "--help")
     assert res.returncode == 0 and "rollback" in res.stdout and "clone" in res.stdout
+
+
+def test_the_lazy_command_map_names_every_command_where_it_is_defined():
+    """cli.main imports a command's module when the command is used: its map must
+    name each command of every module's COMMANDS, by the module that registers it
+    (the last one, for mount and umount, which recovery_cmd takes over)."""
+    import importlib
+    import pkgutil
+
+    import blocksnap.cli as pkg
+    from blocksnap.cli.main import COMMAND_MODULES, cli
+
+    defined: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f"blocksnap.cli.{info.name}")
+        for command in getattr(mod, "COMMANDS", []):
+            if command.name not in defined or info.name == "recovery_cmd":
+                defined[command.name] = info.name
+    assert COMMAND_MODULES == defined
+    for name, module in COMMAND_MODULES.items():
+        got = cli.get_command(None, name)
+        assert got in importlib.import_module(f"blocksnap.cli.{module}").COMMANDS
+
+
+def test_a_command_imports_only_its_own_module(tmp_path):
+    """`snapshot list` does not import the recovery, policy or backup commands."""
+    code = ("import sys, blocksnap.cli.main as m\n"
+            "try:\n    m.cli.main(['--pool', sys.argv[1], 'snapshot', '--help'], standalone_mode=False)\n"
+            "finally:\n    print(sorted(n for n in sys.modules if n.startswith('blocksnap.cli.')))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "snapshot_cmd" in loaded
+    for other in ("recovery_cmd", "ops_cmd", "backup_cmd", "freeze_cmd"):
+        assert other not in loaded

@@ -43,10 +43,12 @@ IDLE = 0.0005            # seconds an open chunk waits for the next request
 LOW_WATER = 2 * CHUNK * LIMIT   # below this much free space beyond the queue: write through
 KICK = 32 << 20          # bytes written by the workers between two writeback starts
 SMALL = 128 << 10        # a request up to this size that continues nothing queued is written inline
-# ... when INLINE is on. Off: the clean-clone CI run of 2026-12-03 failed the kill -9
-# model test once with it (a snapshot lacking an acknowledged write, in a run with
-# inline writes; not reproduced or explained yet), so every write is queued as before.
-INLINE = False
+# ... when INLINE is on (off: every write is queued). It was off for a while: the
+# clean-clone CI run of 2026-12-03 failed the kill -9 model test once with it (a
+# snapshot lacking acknowledged writes). The cause was the test, with or without
+# inline writes: a `snapshot create` its writer had just started outlived the kill
+# and snapshotted the pool as the crash left it (test_write_behind._kill_daemon_and_writer).
+INLINE = True
 
 
 def _address(view: memoryview) -> int:

@@ -14,10 +14,26 @@ HookError is raised. See docs/hooks.md.
 Independent of the block engine: this package only needs the standard library,
 psycopg and PyMySQL, and blocksnap.errors.
 """
-from .dsn import parse_mysql, parse_pg
-from .plan import DEFAULT_TIMEOUT, MAX_TIMEOUT, FreezePlan, HookError
-from .runner import current_deadline, run_frozen
-from .state import recover_stale_freezes
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): every command checks for stale freezes at its
+# start (hooks.state), and should not pay for the DSN parsers and the runner.
+_WHERE = {
+    "parse_mysql": "dsn", "parse_pg": "dsn",
+    "DEFAULT_TIMEOUT": "plan", "MAX_TIMEOUT": "plan", "FreezePlan": "plan", "HookError": "plan",
+    "current_deadline": "runner", "run_frozen": "runner", "recover_stale_freezes": "state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "DEFAULT_TIMEOUT",
