@@ -5,6 +5,7 @@ original, keeps its identity, sends only what the destination lacks, and a copy
 killed with SIGKILL and run again sends exactly the chunks not yet indexed."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -268,3 +269,52 @@ def test_the_python_api_and_the_translation_folded(src: Path, tmp_path: Path, mo
         assert known.all()
     res = copy_mod.copy_backups(ra, rb, None)
     assert sorted(res["skipped"]) == sorted(made) and res["bytes_fetched"] == 0
+
+
+def _old_format_repository(url: str, password: str) -> None:
+    """A repository as blocksnap made them before `chunk_ids`: keyed BLAKE2b IDs and
+    no such key in its config."""
+    from blocksnap.backup.backends import open_backend
+    from blocksnap.backup.crypto import Keys
+
+    _, config = Keys.create(password.encode(), os.urandom(16).hex())
+    del config["chunk_ids"]
+    assert open_backend(url, None).put_new("config", json.dumps(config).encode())
+
+
+def test_an_old_repository_with_blake2b_ids_is_read_written_and_copied(src: Path, tmp_path: Path):
+    """Repositories made before the change keep their BLAKE2b chunk IDs: backups into
+    one dedup against what it holds and restore bit for bit, and a copy into a new
+    repository (HMAC-SHA-256 IDs) translates every ID and restores the same."""
+    from blocksnap.backup.crypto import BLAKE2B, HMAC_SHA256
+
+    old = side("file", tmp_path, "old", "pw-old")
+    new = side("file", tmp_path, "new", "pw-new")
+    _old_format_repository(old.url, "pw-old")
+    made = [m["id"] for m in backup_all(src, old)]
+    stats = json.loads(cli(src, "backup", "v@s3", "--mode", "full", *old.repo_args(), "--json").stdout)["stats"]
+    assert stats["new_chunks"] == 0          # every chunk found under its BLAKE2b ID
+    assert copy(src, old, new, "--all")["copied"][:3] == made
+    opened = {}
+    for s in (old, new):
+        password = Path(s.password_file).read_text().strip().encode()
+        opened[s.url], _ = Repository.open(s.url, lambda _new, pw=password: pw)
+        assert restored(src, s, made[2], tmp_path) == export(src, "v@s3", tmp_path / "e")
+    assert opened[old.url].keys.chunk_ids == BLAKE2B and opened[new.url].keys.chunk_ids == HMAC_SHA256
+    data = export(src, "v@s1", tmp_path / "e1")[:64 << 10]
+    ids = {url: r.keys.chunk_id(data) for url, r in opened.items()}
+    assert ids[old.url] == hashlib.blake2b(data, digest_size=16, key=opened[old.url].keys._id_key).digest()
+    assert ids[old.url] != ids[new.url]
+
+
+def test_a_repository_with_unknown_chunk_ids_is_refused(src: Path, tmp_path: Path):
+    """A config naming an ID hash this blocksnap does not know: one error line."""
+    r = side("file", tmp_path, "r", "pw")
+    cli(src, "backup", "v@s1", *r.repo_args())
+    cfg_path = Path(r.url[len("file://"):]) / "config"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["chunk_ids"] == "hmac-sha256-128"
+    cfg["chunk_ids"] = "sha3-512"
+    cfg_path.chmod(0o600)
+    cfg_path.write_text(json.dumps(cfg))
+    assert_cli_error(cli(src, "backups", *r.repo_args(), check=False), 1, "are not supported")
