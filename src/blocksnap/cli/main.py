@@ -41,7 +41,6 @@ class LazyGroup(click.Group):
         return self.commands.get(name)
 
 
-
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--pool", envvar=POOL_ENV, default=DEFAULT_POOL, show_default=True,
               help=f"Pool directory (env {POOL_ENV}).")
