@@ -24,52 +24,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_fuse import drop_caches
+from bench_s3 import S3_ENV, moto_server, s3_client
 from bench_stream import cli, parse_args, run_rounds, timed
 from blocksnap.units import format_size
 
 PASSWORD = "bench-password"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@contextmanager
-def moto_server():
-    """moto's S3 server on a free local port (as tests/backup/conftest.py starts it): its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("moto's S3 server did not start") from None
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def s3_client(endpoint: str):
-    import boto3
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
-                        region_name=S3_ENV["AWS_DEFAULT_REGION"])
-
-
 def s3_sizes(client, bucket: str) -> dict[str, int]:
     """Bytes per top-level prefix of the bucket ("bs", "restic")."""
     sizes: dict[str, int] = {}

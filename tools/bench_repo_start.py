@@ -28,6 +28,7 @@ Peak RSS is each process's own high-water mark (VmHWM), read as it exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_s3 import S3_ENV, moto_server, s3_client
 
 PASSWORD = b"bench-password"
 # The peak RSS of a child is its own VmHWM, read as it exits: ru_maxrss from
@@ -53,7 +57,6 @@ atexit.register(hwm)
 sys.argv = ["blocksnap", *sys.argv[1:]]
 runpy.run_module("blocksnap", run_name="__main__", alter_sys=True)
 """
-S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def _password(_new: bool) -> bytes:
@@ -161,37 +164,18 @@ def index_objects(url: str, endpoint: str | None) -> int:
     return len(open_backend(url, endpoint).list("index"))
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("moto's S3 server did not start")
-
-
 def bench(kind: str, args, work: str) -> dict:
     env = dict(os.environ, BLOCKSNAP_REPO_PASSWORD=PASSWORD.decode())
-    moto = None
-    endpoint = None
-    if kind == "s3":
-        import boto3
-        moto, endpoint = start_moto()
-        env.update(S3_ENV, BLOCKSNAP_S3_ENDPOINT=endpoint)
-        os.environ.update(S3_ENV)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-        url = "s3://bench/repo"
-    else:
-        url = f"file://{work}/repo"
-    try:
+    with contextlib.ExitStack() as stack:
+        endpoint = None
+        if kind == "s3":
+            endpoint = stack.enter_context(moto_server())
+            env.update(S3_ENV, BLOCKSNAP_S3_ENDPOINT=endpoint)
+            os.environ.update(S3_ENV)
+            s3_client(endpoint).create_bucket(Bucket="bench")
+            url = "s3://bench/repo"
+        else:
+            url = f"file://{work}/repo"
         t = time.perf_counter()
         bid = build(url, endpoint, args.packs, args.chunks, args.chunk_bytes)
         out = {"backend": kind, "packs": args.packs, "build_seconds": time.perf_counter() - t,
@@ -208,14 +192,6 @@ def bench(kind: str, args, work: str) -> dict:
             out["prune"], out["prune_rss"] = cli(["prune", "--repo", url, "--keep-last", "1"], env, work)
         out["load_end"] = os.getloadavg()
         return out
-    finally:
-        if moto is not None:
-            moto.terminate()
-            try:
-                moto.wait(10)
-            except subprocess.TimeoutExpired:   # busy: never hide the real error behind this
-                moto.kill()
-                moto.wait()
 
 
 def show(res: dict) -> None:

@@ -369,7 +369,7 @@ def test_the_lazy_command_map_names_every_command_where_it_is_defined():
 
 
 def test_a_command_imports_only_its_own_module(tmp_path):
-    """`snapshot list` does not import the recovery, policy or backup commands."""
+    """`snapshot --help` does not import the recovery, policy or backup commands."""
     code = ("import sys, blocksnap.cli.main as m\n"
             "try:\n    m.cli.main(['--pool', sys.argv[1], 'snapshot', '--help'], standalone_mode=False)\n"
             "finally:\n    print(sorted(n for n in sys.modules if n.startswith('blocksnap.cli.')))\n")
