@@ -16,7 +16,7 @@ import pytest
 
 import blocksnap
 from blocksnap.backup import resume
-from blocksnap.backup.make import make_backup
+from blocksnap.backup.make import make_backup, piped
 from blocksnap.backup.repo import Repository
 from blocksnap.errors import BlocksnapError
 from blocksnap.service import ops
@@ -63,7 +63,7 @@ def _backup_in_process(pool_path: Path, url: str, ref: str, fail_after_packs: in
                 return None
         origin = {"host": socket.gethostname(), "pool": os.path.abspath(pool_path)}   # as the CLI's
         return make_backup(repo, origin, ref, "incremental",
-                           lambda fd, base, start: ops.send(pool, ref, fd, base, start=start), created)
+                           piped(lambda fd, base, start: ops.send(pool, ref, fd, base, start=start)), created)
 
 
 def test_a_backup_cut_off_goes_on_from_where_it_stopped(big: Path, tmp_path: Path, monkeypatch):

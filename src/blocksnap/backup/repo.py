@@ -27,9 +27,10 @@ import zstandard
 
 from ..errors import BlocksnapError, Busy, CorruptionError, InvalidArgument, NotFound
 from . import index_files
-from .backends import Backend, open_backend
+from .access import open_access
+from .backends import Backend
 from .chunk_index import ChunkIndex
-from .crypto import ID_BYTES, Keys, parse_config
+from .crypto import ID_BYTES, Keys
 from .manifest import Manifest
 
 PACK_TARGET = 16 << 20      # bytes of sealed chunks per pack object
@@ -51,18 +52,8 @@ class Repository:
              create: bool = False) -> tuple["Repository", bool]:
         """The repository at url, unlocked; created first (if asked) when there is none.
         `password(new)` is asked once, knowing whether the repository is new."""
-        backend = open_backend(url, endpoint)
-        try:
-            raw = backend.get("config")
-        except NotFound:
-            if not create:
-                raise NotFound(f"no blocksnap repository at {url}") from None
-            keys, config = Keys.create(password(True), os.urandom(16).hex())
-            if backend.put_new("config", json.dumps(config, indent=1).encode()):
-                return cls(backend, keys, config), True
-            raw = backend.get("config")   # another process made it first: use theirs
-        config = parse_config(raw, url)
-        return cls(backend, Keys.unlock(config, password(False), url), config), False
+        backend, keys, config, created = open_access(url, password, endpoint, create)
+        return cls(backend, keys, config), created
 
     # -- chunks --------------------------------------------------------------
     def chunk_blob(self, cid: bytes, data: bytes | memoryview) -> bytes:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
+from typing import Any
 
 import click
 
 from ..errors import CorruptionError, InvalidArgument, NotFound
-from ..service.runner import session
 from ..settings import PASSWORD_FILE_ENV, REPO_ENV, REPO_PASSWORD_ENV, S3_ENDPOINT_ENV
 from ..units import format_size, parse_size
 from .context import Settings, emit, json_option, pass_settings, table
@@ -56,6 +57,43 @@ def _open(settings: Settings, repo_url: str, endpoint: str | None, password_file
     return Repository.open(repo_url, _password_source(password_file, settings.env.repo_password), endpoint, create)
 
 
+def _open_early(settings: Settings, repo_url: str, endpoint: str | None, password_file: str | None):
+    """Start unlocking an existing repository on a thread, and return a call that gives
+    (repository, False), or None when there is none yet (the caller then creates it,
+    once it knows the snapshot exists). The thread needs neither numpy nor the engine,
+    so the key derivation (scrypt: 0.08 s of CPU, without the GIL) overlaps their
+    loading and the opening of the pool instead of following them. A password that
+    must be prompted for is not asked here (the call gives None). Errors are raised by
+    the call, so they come in the same order as without it."""
+    if not (password_file or settings.env.repo_password):
+        return lambda: None
+    from ..backup.access import open_access
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["access"] = open_access(repo_url, _password_source(password_file, settings.env.repo_password),
+                                        endpoint)
+        except NotFound:
+            box["access"] = None
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=work, name="repo-open", daemon=True)
+    t.start()
+
+    def result():
+        t.join()
+        if "error" in box:
+            raise box["error"].with_traceback(None)
+        if box["access"] is None:
+            return None
+        from ..backup.repo import Repository
+        backend, keys, config, _ = box["access"]
+        return Repository(backend, keys, config), False
+    return result
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -100,8 +138,9 @@ def backup_group() -> None:
 def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, password_file: str | None,
            mode: str, as_json: bool) -> None:
     """Back a snapshot up into a repository (created on first use)."""
-    from ..backup.make import make_backup
-
+    early = _open_early(settings, repo_url, endpoint, password_file)   # first: see its docstring
+    from ..backup.make import direct, make_backup, piped
+    from ..service.runner import session
     with session(settings.pool) as pool:     # one opening of the pool (or the daemon) for all of it
         def snapshot_created(r: str) -> float | None:
             try:
@@ -111,15 +150,15 @@ def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, pa
 
         if snapshot_created(ref) is None:    # before a repository is made for nothing
             raise NotFound(f"no snapshot {ref}")
-        repo, created = _open(settings, repo_url, endpoint, password_file, create=True)
+        repo, created = early() or _open(settings, repo_url, endpoint, password_file, create=True)
         if created and not settings.quiet:
             click.echo(f"initialised the repository {repo_url}", err=True)
 
         with progress_bar(settings, f"backup {ref}") as prog:
             origin = {"host": socket.gethostname(), "pool": os.path.abspath(settings.pool)}
-            res = make_backup(repo, origin, ref, mode,
-                              lambda fd, base, start: pool.call("send", ref=ref, fd=fd, base=base, start=start),
-                              snapshot_created, prog)
+            source = direct(pool.pool, ref) if pool.pool is not None else \
+                piped(lambda fd, base, start: pool.call("send", ref=ref, fd=fd, base=base, start=start))
+            res = make_backup(repo, origin, ref, mode, source, snapshot_created, prog)
     if res.get("note") and not settings.quiet:
         click.echo(f"note: {res['note']}", err=True)
     st = res["stats"]

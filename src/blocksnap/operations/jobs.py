@@ -165,7 +165,7 @@ def _backup_source(env: JobEnv, rule: VolumeRule, due: Due, now: float) -> dict[
 
 
 def run_backup(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop, now: float) -> Outcome:
-    from ..backup.make import make_backup
+    from ..backup.make import make_backup, piped
     snap = _backup_source(env, rule, due, now)
     ref = f"{due.volume}@{snap['name']}"
     info = {"snapshot": snap["name"], "snapshot_created": snap["created"], "requested_mode": due.mode}
@@ -182,7 +182,8 @@ def run_backup(env: JobEnv, rule: VolumeRule, due: Due, stop: Stop, now: float) 
 
     env.in_use.add(ref)
     try:
-        res = make_backup(repo, env.origin, ref, due.mode or "incremental", produce, created, stop.progress)
+        res = make_backup(repo, env.origin, ref, due.mode or "incremental", piped(produce), created,
+                          stop.progress)
     except Stopped as e:
         return Outcome("stopped", error=str(e), info=info)
     finally:
