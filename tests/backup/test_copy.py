@@ -71,7 +71,7 @@ def test_a_copy_restores_like_the_original(kinds, src: Path, tmp_path: Path, s3_
     made = backup_all(src, a)
     s1, s2, s3 = (m["id"] for m in made)
     # an incremental copied alone is whole there, and restores by itself
-    res = copy(src, a, b, s3[:18])
+    res = copy(src, a, b, s3[:-1])     # a prefix (three backups may share the second, and more)
     assert res["copied"] == [s3] and res["skipped"] == [] and res["chunks_sent"] > 0
     assert restored(src, b, s3, tmp_path) == export(src, "v@s3", tmp_path / "e3")
     res = copy(src, a, b, "--all")

@@ -119,17 +119,26 @@ class LocalBackend:
     def list_hex(self, prefix: str) -> dict[str, int]:
         return {k: n for k, n in self.list(prefix).items() if k.rsplit("/", 1)[1][:1] in HEX}
 
-    def delete(self, key: str) -> None:
-        """Durable when it returns: prune's order of deletions must survive a power cut."""
+    def delete(self, key: str, durable: bool = True) -> None:
+        """Durable when it returns (prune's order of deletions must survive a power
+        cut), unless `durable` is False: then the caller fsyncs the directory."""
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-            _fsync_dir(os.path.dirname(path))
+            if durable:
+                _fsync_dir(os.path.dirname(path))
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        """One at a time, each durable (local deletes cost no round trip)."""
+        """All durable when it returns, as S3's DeleteObjects is (no request costs
+        a round trip here): unlinked, then each directory fsynced once. No caller
+        needs an order within one call (each deletes objects of one kind: indexes a
+        merged object replaces, or packs no index names), only between calls."""
+        dirs: set[str] = set()
         for key in keys:
-            self.delete(key)
+            self.delete(key, False)
+            dirs.add(os.path.dirname(self._path(key)))
+        for d in sorted(dirs):
+            _fsync_dir(d)
 
     def sweep(self) -> int:
         n = 0

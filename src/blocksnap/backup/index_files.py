@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 MERGED = "-merged-"          # a merged index's name: MERGED + 32 hex digits
 LOOSE_MAX = 64               # a backup merges the loose indexes when it finds more
+OWN_MAX = 8                  # a backup that wrote more packs merges their indexes at its end
 MERGED_CHUNKS = 1 << 20      # chunks in one merged index at most (28 MiB before sealing)
 READERS = 8                  # index objects fetched at once
 _MAGIC, _VERSION = b"bsmi", 1
@@ -291,4 +292,17 @@ def merge(repo: Repository, objects: list[IndexObject], replace: set[str], drop:
     new = write_merged(repo, (parts[p] for p in sorted(parts)))
     gone = [o.key for o in objects if o.name in replace]
     repo.backend.delete_many(gone)      # only after every merged object is stored (S3: 1,000 a request)
+    return new
+
+
+def merge_own(repo: Repository, parts: list[Part]) -> list[str]:
+    """The loose indexes of the packs one backup wrote, merged at its end when there
+    are more than OWN_MAX: the next command reads one object instead of one per pack
+    (a first backup of 1 GiB writes 64; on S3 each is a GET, 0.3 s of every later
+    command on moto). The same order as `merge`: the merged object is stored before
+    the loose ones are deleted. Returns the new objects' names."""
+    if len(parts) <= OWN_MAX:
+        return []
+    new = write_merged(repo, sorted(parts, key=lambda p: p[0]))
+    repo.backend.delete_many([f"index/{p[0]}" for p in parts])
     return new

@@ -19,10 +19,10 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import CorruptionError, InvalidArgument, NotFound
+from ..errors import BlocksnapError, CorruptionError, InvalidArgument, NotFound
 from ..streams.format import DATA, Record, StreamError, StreamReader, StreamTruncated
 from ..units import split_snapshot_ref
-from . import resume
+from . import index_files, resume
 from .chunk_index import missing_chunks
 from .chunker import Chunker
 from .manifest import Manifest, Piece, chunk_count, new_backup_id, overlay
@@ -90,6 +90,10 @@ def make_backup(repo: Repository, origin: dict[str, str], ref: str, mode: str, s
                      starts, counts, ids)
         repo.write_manifest(m)
         resume.drop(repo, key)
+        try:
+            index_files.merge_own(repo, repo.written)
+        except BlocksnapError as e:    # the backup is whole without it: say so, do not fail it
+            note = "; ".join(filter(None, [note, f"the backup is stored, but merging its indexes failed: {e}"]))
     return dict(m.info, note=note)
 
 

@@ -45,6 +45,7 @@ class Repository:
         self.index = ChunkIndex()     # chunk ID -> (pack, offset, length), after load_index
         self._local = threading.local()    # zstd contexts are not thread-safe: one per thread
         self._held: str | None = None       # the operation of the lock this process holds
+        self.written: list[index_files.Part] = []   # packs write_pack stored, each with a loose index
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -111,6 +112,7 @@ class Repository:
         index = index_files.encode_loose(ids.tobytes(), offs, lens)
         self.backend.put(f"index/{pack}", self.keys.seal(index, f"index/{pack}".encode()))
         self.index.add(pack, [c for c, _ in blobs], offs.tolist(), lens.tolist())
+        self.written.append((pack, ids, offs, lens))
         return pack
 
     # -- manifests -----------------------------------------------------------
