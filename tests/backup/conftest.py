@@ -145,3 +145,24 @@ def side(kind: str, tmp_path: Path, name: str, password: str, s3_server: str | N
     assert s3_server is not None
     bucket = s3_bucket(s3_server, f"{name}-{os.urandom(4).hex()}")
     return Side(f"s3://{bucket}/repo", pw, s3_server)
+
+
+def backup_here(pool_path: Path, repo, ref: str, way: str = "direct") -> dict:
+    """make_backup in this process on an open Repository, as the CLI runs it: records
+    read from the maps here (`direct`, no daemon), or through a send stream as a
+    daemon's come (`piped`)."""
+    import socket
+
+    import blocksnap
+    from blocksnap.backup.make import direct, make_backup, piped
+    from blocksnap.service import ops
+    with blocksnap.Pool.open(str(pool_path)) as pool:
+        def created(r: str) -> float | None:
+            try:
+                return ops.snapshot_show(pool, r)["created"]
+            except blocksnap.NotFound:
+                return None
+        source = direct(pool, ref) if way == "direct" else \
+            piped(lambda fd, base, start: ops.send(pool, ref, fd, base, start=start))
+        origin = {"host": socket.gethostname(), "pool": os.path.abspath(pool_path)}   # as the CLI's
+        return make_backup(repo, origin, ref, "incremental", source, created)

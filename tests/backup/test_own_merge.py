@@ -4,20 +4,15 @@ one per pack. The merged object is stored before the loose ones are deleted; a
 merge that fails leaves the backup whole, and says so."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 
-import blocksnap
 from blocksnap.backup import chunker, index_files
-from blocksnap.backup.make import direct, make_backup
 from blocksnap.backup.repo import Repository
 from blocksnap.errors import BlocksnapError
-from blocksnap.service import ops
 
-from .conftest import Repo, export
+from .conftest import Repo, backup_here, export
 
 PASSWORD = b"correct horse"    # the conftest Repo's
 
@@ -27,20 +22,13 @@ class DeleteRefused(BlocksnapError):
 
 
 def _backup(pool_path: Path, url: str, ref: str, refuse_deletes: bool = False) -> tuple[dict, Repository]:
-    """make_backup in this process (as the CLI does without a daemon), packs of 256 KiB."""
+    """A backup made in this process (as the CLI makes it without a daemon)."""
     repo, _ = Repository.open(url, lambda new: PASSWORD, create=True)
     if refuse_deletes:
         def refuse(keys) -> None:
             raise DeleteRefused("the storage refused the delete")
         repo.backend.delete_many = refuse
-    with blocksnap.Pool.open(str(pool_path)) as pool:
-        def created(r: str) -> float | None:
-            try:
-                return ops.snapshot_show(pool, r)["created"]
-            except blocksnap.NotFound:
-                return None
-        origin = {"host": socket.gethostname(), "pool": os.path.abspath(pool_path)}   # as the CLI's
-        return make_backup(repo, origin, ref, "incremental", direct(pool, ref), created), repo
+    return backup_here(pool_path, repo, ref), repo
 
 
 def _index_names(url: str) -> tuple[list[str], list[str]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,12 +15,11 @@ import pytest
 
 import blocksnap
 from blocksnap.backup import resume
-from blocksnap.backup.make import make_backup, piped
 from blocksnap.backup.repo import Repository
 from blocksnap.errors import BlocksnapError
 from blocksnap.service import ops
 
-from .conftest import M, Repo, export
+from .conftest import M, Repo, backup_here, export
 
 PASSWORD = b"correct horse"
 
@@ -55,15 +53,7 @@ def _backup_in_process(pool_path: Path, url: str, ref: str, fail_after_packs: in
                     raise LostNetwork("the network went away")
             put(key, data)
         repo.backend.put = failing_put
-    with blocksnap.Pool.open(str(pool_path)) as pool:
-        def created(r: str) -> float | None:
-            try:
-                return ops.snapshot_show(pool, r)["created"]
-            except blocksnap.NotFound:
-                return None
-        origin = {"host": socket.gethostname(), "pool": os.path.abspath(pool_path)}   # as the CLI's
-        return make_backup(repo, origin, ref, "incremental",
-                           piped(lambda fd, base, start: ops.send(pool, ref, fd, base, start=start)), created)
+    return backup_here(pool_path, repo, ref, "piped")
 
 
 def test_a_backup_cut_off_goes_on_from_where_it_stopped(big: Path, tmp_path: Path, monkeypatch):

@@ -1,8 +1,8 @@
 """Stream records to stored chunks, in parallel and in a pipeline.
 
 Hashing, compressing and encrypting a record's chunks runs on worker threads
-(BLAKE2b, zstd and AES-GCM all release the GIL) while the caller reads the next
-records, and finished packs are written by one more thread while the workers go
+(the ID hash, zstd and AES-GCM all release the GIL) while the caller reads the next
+records, and finished packs are written by two more threads while the workers go
 on: on S3 an upload takes as long as the work that filled it. At most WINDOW
 records and UPLOADS packs are in flight, so memory stays bounded.
 """
@@ -33,7 +33,10 @@ class Chunker:
         self._seen: set[bytes] = set()         # IDs this backup stores (queued or written)
         self._lock = threading.Lock()
         self._work = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
-        self._upload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
+        # both packs in flight are written at once: on S3 (moto) a full backup of 2 GiB
+        # took 8.8-10.9 s with one writer, 6.9-7.8 s with two; the oldest is still
+        # waited for first, so what is durable is told in order
+        self._upload = ThreadPoolExecutor(max_workers=UPLOADS, thread_name_prefix="pack")
         self._window: collections.deque[tuple[int, int, Future]] = collections.deque()
         self._uploads: collections.deque[tuple[Future, tuple[int, int]]] = collections.deque()
         self.done_pos = 0       # stream offset where the records finished so far end
