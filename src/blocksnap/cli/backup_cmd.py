@@ -180,8 +180,9 @@ def backup(settings: Settings, ref: str, repo_url: str, endpoint: str | None, pa
 def restore(settings: Settings, backup_id: str, target: str, repo_url: str, endpoint: str | None,
             password_file: str | None, verify: bool, as_json: bool) -> None:
     """Write a backup to a new raw image file or onto a block device."""
+    early = _open_early(settings, repo_url, endpoint, password_file)   # while numpy loads
     from ..backup.restore import restore as _restore
-    repo, _ = _open(settings, repo_url, endpoint, password_file)
+    repo, _ = early() or _open(settings, repo_url, endpoint, password_file)
     with progress_bar(settings, f"restore {backup_id}") as prog:
         res = _restore(repo, backup_id, target, verify, prog)
     emit(res, as_json, None if settings.quiet else
