@@ -22,6 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import blocksnap
 
 MiB = 1 << 20
@@ -191,8 +192,15 @@ def bench_many_snapshots(root: str, counts=(3, 300), writes: int = 16384, per_sn
     that has `count` snapshots, each taken after `per_snap` such writes (so the
     snapshots' maps differ, as daily snapshots of a busy disk do). The volume's data
     is the same size for every count; median of `rounds` timed passes, each on
-    blocks none of the snapshots shares any more after the first pass."""
+    blocks none of the snapshots shares any more after the first pass.
+
+    As root, the page cache is dropped before each pass (after a flush, untimed):
+    a pass writes 1 GiB through it, and without that a pass took 0.7 s or 3.4 s
+    by whether the kernel had free pages or had to reclaim the last pass's first,
+    whatever the snapshot count (docs/performance.md)."""
     import random
+
+    from bench_fuse import drop_caches
     bs, size = 64 << 10, 8 << 30
     nb = size // bs
     out = {}
@@ -213,6 +221,9 @@ def bench_many_snapshots(root: str, counts=(3, 300), writes: int = 16384, per_sn
                     for o in offs:
                         v.write(o, data)
                     v.flush()
+                v.flush()
+                if os.geteuid() == 0:
+                    drop_caches()
                 times.append(timed(go))
             out[f"writes_{count}_snapshots_s"] = statistics.median(times)
         shutil.rmtree(os.path.join(root, f"p-snaps-{count}"), ignore_errors=True)
