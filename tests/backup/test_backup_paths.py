@@ -5,6 +5,7 @@ make the same backups, and both must stop at a damaged block of the pool."""
 from __future__ import annotations
 
 import json
+import mmap
 import random
 from pathlib import Path
 
@@ -64,12 +65,12 @@ def _damage_a_block_of(pool: Path, ref: str, tmp_path: Path) -> None:
     by its content: the pool keeps blocks as they are written)."""
     image = export(pool, ref, tmp_path / "probe.raw")
     probe = image[100:164]                        # 64 random bytes of its first block
-    data = pool / "data"
-    raw = bytearray(data.read_bytes())
-    at = raw.find(probe)
-    assert at > 0 and raw.find(probe, at + 1) < 0
-    raw[at + random.randrange(64)] ^= 0x40
-    data.write_bytes(bytes(raw))
+    with open(pool / "data", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        at = m.find(probe)
+        assert at > 0 and m.find(probe, at + 1) < 0
+        at += random.randrange(64)
+        m[at] ^= 0x40
+        m.flush()
 
 
 @pytest.mark.parametrize("way", ["here", "served"])
