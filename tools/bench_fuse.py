@@ -12,7 +12,7 @@ Needs root; pauses a VM's free page reporting while it runs (tools/steady_memory
 Usage: tools/bench_fuse.py [--size 512M] [--json] [--targets raw,qsd,row,cow]
   [--baseline GITREF --targets qsd,row,row-base]  (an older commit side by side, same run)
   tools/bench_fuse.py --random [--size 1G] [--runtime 8] [--columns w4k-qd16-j1,...]
-  [--targets raw,qsd,row,row-snap,cow-snap]  (fio random I/O: tools/bench_random.py)
+  [--targets raw,qsd,pyfuse,row,row-snap,cow-snap]  (fio random I/O: tools/bench_random.py)
 """
 from __future__ import annotations
 

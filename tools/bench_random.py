@@ -7,8 +7,10 @@ during the fill (after each of the first three quarters). Then every column is o
 short fio run (libaio, direct, `--runtime` seconds, default 8) over the filled part.
 
 Targets: raw (loop on an image file), qsd (qemu-storage-daemon FUSE export of a
-qcow2, no snapshot), row (ROW volume, no snapshot), row-snap (ROW, 3 snapshots
-during the fill), cow-snap (COW, 3 snapshots during the fill).
+qcow2, no snapshot), pyfuse (tools/fuse_floor.py: blocksnap's FUSE class on mfusepy
+with a bare pread/pwrite behind it, the floor of any Python engine there), row
+(ROW volume, no snapshot), row-snap (ROW, 3 snapshots during the fill), cow-snap
+(COW, 3 snapshots during the fill).
 
 Besides IOPS, for the daemons (qsd and blocksnap):
 * cpu/1k: the daemon's CPU seconds (user + system, /proc/<pid>/stat) per 1,000 fio
@@ -26,6 +28,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -47,8 +50,9 @@ COLUMNS: dict[str, dict[str, str]] = {
     "w64k-qd16-j1": {"rw": "randwrite", "bs": "64k", "iodepth": "16", "numjobs": "1"},
     "rw70-4k-qd16-j1": {"rw": "randrw", "rwmixread": "70", "bs": "4k", "iodepth": "16", "numjobs": "1"},
 }
-TARGETS = ("raw", "qsd", "row", "row-snap", "cow-snap")
+TARGETS = ("raw", "qsd", "pyfuse", "row", "row-snap", "cow-snap")
 LABELS = {"raw": "raw loop on image file", "qsd": "qemu-storage-daemon FUSE, qcow2",
+          "pyfuse": "Python FUSE floor (tools/fuse_floor.py: pread/pwrite, no engine)",
           "row": "blocksnap ROW, no snapshot", "row-snap": "blocksnap ROW, 3 snapshots in the fill",
           "cow-snap": "blocksnap COW, 3 snapshots in the fill"}
 
@@ -101,6 +105,10 @@ def target(name: str, work: str, size: int, env: dict) -> Iterator[dict]:
         with env["qsd"](img, export) as proc, loop(export, env.get("qsd_dio", True)) as dev:
             yield {"dev": dev, "pid": proc.pid, "snapshot": lambda: None, "written": None}
         return
+    if name == "pyfuse":
+        with _floor(work, size, env) as t:
+            yield t
+        return
     mode = "cow" if name.startswith("cow") else "row"
     pool = os.path.join(work, "pool")
     os.environ["BLOCKSNAP_LOOP_DIRECT_IO"] = "on"
@@ -125,6 +133,33 @@ def target(name: str, work: str, size: int, env: dict) -> Iterator[dict]:
                "snapshot": lambda: blocksnap(pool, "-q", "snapshot", "create", f"v@s{next(count)}")}
     finally:
         blocksnap(pool, "-q", "stop", "--force")
+
+
+@contextlib.contextmanager
+def _floor(work: str, size: int, env: dict) -> Iterator[dict]:
+    """tools/fuse_floor.py serving a raw image, a loop device (direct-io) on it."""
+    img, mnt = os.path.join(work, "floor.img"), os.path.join(work, "floor")
+    os.makedirs(mnt)
+    with open(img, "wb") as f:
+        f.truncate(size)
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                          "fuse_floor.py"), img, mnt],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join(mnt, "disk")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("tools/fuse_floor.py did not mount")
+            time.sleep(0.1)
+        with env["loop"](os.path.join(mnt, "disk"), True) as dev:
+            yield {"dev": dev, "pid": proc.pid, "snapshot": lambda: None, "written": None}
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def fill(dev: str, src: str, span: int, snapshot: Callable[[], None] | None, sh) -> None:

@@ -41,6 +41,7 @@ REPO_PASSWORD_ENV = "BLOCKSNAP_REPO_PASSWORD"
 DAEMON_TIMEOUT_ENV = "BLOCKSNAP_DAEMON_TIMEOUT"
 LOOP_DIRECT_IO_ENV = "BLOCKSNAP_LOOP_DIRECT_IO"
 WRITE_BEHIND_ENV = "BLOCKSNAP_WRITE_BEHIND"
+FAST_IO_ENV = "BLOCKSNAP_FAST_IO"
 RUNTIME_DIR_ENV = "BLOCKSNAP_RUNTIME_DIR"
 PURE_PYTHON_ENV = "BLOCKSNAP_PURE_PYTHON"
 POLICY_ENV = "BLOCKSNAP_POLICY"
@@ -50,8 +51,8 @@ MYSQL_PWD_ENV = "MYSQL_PWD"               # the mysql client's password variable
 
 # Every variable above, in the order of docs/usage.md's table.
 VARIABLES = (POOL_ENV, REPO_ENV, S3_ENDPOINT_ENV, REPO_PASSWORD_ENV, PASSWORD_FILE_ENV, DAEMON_TIMEOUT_ENV,
-             LOOP_DIRECT_IO_ENV, WRITE_BEHIND_ENV, RUNTIME_DIR_ENV, PURE_PYTHON_ENV, POLICY_ENV, XDG_RUNTIME_DIR_ENV,
-             MYSQL_PWD_ENV)
+             LOOP_DIRECT_IO_ENV, WRITE_BEHIND_ENV, FAST_IO_ENV, RUNTIME_DIR_ENV, PURE_PYTHON_ENV, POLICY_ENV,
+             XDG_RUNTIME_DIR_ENV, MYSQL_PWD_ENV)
 
 _ON = ("1", "on", "yes", "true")
 _OFF = ("0", "off", "no", "false")
@@ -97,6 +98,7 @@ class Settings:
     daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT  # BLOCKSNAP_DAEMON_TIMEOUT: seconds, > 0
     loop_direct_io: bool = True                    # BLOCKSNAP_LOOP_DIRECT_IO
     write_behind: bool = True                      # BLOCKSNAP_WRITE_BEHIND
+    fast_io: bool = True                           # BLOCKSNAP_FAST_IO
     runtime_dir: str | None = None                 # BLOCKSNAP_RUNTIME_DIR
     pure_python: bool = False                      # BLOCKSNAP_PURE_PYTHON
     xdg_runtime_dir: str | None = None             # XDG_RUNTIME_DIR
@@ -112,6 +114,7 @@ class Settings:
             daemon_timeout=parse_seconds(DAEMON_TIMEOUT_ENV, env.get(DAEMON_TIMEOUT_ENV), DEFAULT_DAEMON_TIMEOUT),
             loop_direct_io=parse_switch(LOOP_DIRECT_IO_ENV, env.get(LOOP_DIRECT_IO_ENV), True),
             write_behind=parse_switch(WRITE_BEHIND_ENV, env.get(WRITE_BEHIND_ENV), True),
+            fast_io=parse_switch(FAST_IO_ENV, env.get(FAST_IO_ENV), True),
             runtime_dir=_text(env.get(RUNTIME_DIR_ENV)),
             pure_python=parse_switch(PURE_PYTHON_ENV, env.get(PURE_PYTHON_ENV), False),
             xdg_runtime_dir=_text(env.get(XDG_RUNTIME_DIR_ENV)),

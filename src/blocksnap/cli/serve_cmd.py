@@ -50,6 +50,7 @@ def serve(settings: Settings, mountpoint: str, foreground: bool, read_only: bool
         setup_logging(settings.pool, settings.debug)
         Daemon(settings.pool, mountpoint, read_only=read_only, allow_other=allow_other,
                loop_direct_io=settings.env.loop_direct_io, write_behind=settings.env.write_behind,
+               fast_io=settings.env.fast_io,
                debug=settings.debug).run()
         return
     st = daemon_spawn.start(settings.pool, mountpoint, read_only=read_only, allow_other=allow_other,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 REGION_UNITS = 16384      # 64 MiB of the data store per region
-KEEP = 8                  # regions kept logged across commits
+KEEP = 64                 # regions kept logged across commits (4 GiB of the store)
 RECORD = struct.Struct("<QQ")
 _xxh = xxhash.xxh3_64_intdigest
 
@@ -51,6 +51,7 @@ class InPlaceLog:
         self.count = 0                  # records in the file (the next goes after them)
         raw = self.store.pread(self.store_size(), 0)
         self.found = set()              # regions logged when the pool was last open
+        self.on_emptied: Callable[[], None] = lambda: None   # (the pool's leases of in-place writes go)
         for off in range(0, len(raw) - RECORD.size + 1, RECORD.size):
             region, check = RECORD.unpack_from(raw, off)
             if check == _check(region):
@@ -83,6 +84,7 @@ class InPlaceLog:
                 self.store.sync()
             self.count = 0
             self.logged.clear()
+            self.on_emptied()
 
     def recover(self, pool: "Pool") -> int:
         """After a crash: give every block of a logged region that only a live ROW

@@ -33,6 +33,9 @@ class PagePool:
         # drops its blocks (starts, units); a leaf page that is copied shares them
         self.on_blocks_released: Callable[[np.ndarray, int], None] = lambda s, u: None
         self.on_blocks_shared: Callable[[np.ndarray], None] = lambda s: None
+        # set by the pool's DirectAccess: the arrays moved; a reference changed (leases go)
+        self.on_grow: Callable[[], None] = lambda: None
+        self.on_reshape: Callable[[], None] = lambda: None
 
     # -- capacity -------------------------------------------------------
     def _grow(self, need: int) -> None:
@@ -50,6 +53,7 @@ class PagePool:
             arr = np.zeros(new, old.dtype)
             arr[:cap] = old
             setattr(self, name, arr)
+        self.on_grow()
 
     def load(self, pid: int, kind: int, units: int, ptr: np.ndarray, csum: np.ndarray) -> None:
         """Install a page read from the catalog (refcounts are rebuilt afterwards)."""
@@ -87,10 +91,13 @@ class PagePool:
 
     def incref(self, pid: int) -> None:
         if pid:
+            self.on_reshape()
             self.ref[pid] += 1
 
     def decref(self, pid: int) -> None:
         """Drop one reference; free the page and, recursively, what it held."""
+        if pid:
+            self.on_reshape()
         stack = [pid]
         while stack:
             p = stack.pop()
@@ -113,6 +120,7 @@ class PagePool:
 
     def copy(self, pid: int) -> int:
         """Private copy of a shared page; its children gain a reference."""
+        self.on_reshape()
         new = self.alloc(int(self.kind[pid]), int(self.units[pid]))
         self.ptr[new] = self.ptr[pid]
         self.csum[new] = self.csum[pid]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import threading
 import time
 import uuid
 from typing import Callable
@@ -23,6 +22,7 @@ from ..store import FileStore, device_size, start_writeback
 from ..units import DEFAULT_BLOCK_SIZE, validate_block_size, validate_name
 from .catalog import Catalog, SnapshotRow, VolumeRow
 from .check import check_pool
+from .direct import DirectAccess, new_lock
 from .inplace import InPlaceLog
 from .job_log import JobLog
 from .layout import DATA_MAGIC, FORMAT_VERSION, HEADER_UNITS, UNIT
@@ -48,7 +48,7 @@ class Pool:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
-        self.lock = threading.RLock()
+        self.lock = new_lock()   # (shared with the direct path: engine/direct.py)
         self._volumes: dict[str, VolumeBase] = {}
         self.closed = False
         self.reclaimed_on_open: dict[str, int] = {}
@@ -158,6 +158,7 @@ class Pool:
         for pid, kind, units, blob in self.catalog.pages():
             ptr, csum = PagePool.deserialize(kind, blob)
             self.pages.load(pid, kind, units, ptr, csum)
+        self.direct = DirectAccess(self)   # leases for the compiled direct path
         vrows = self.catalog.volume_rows()
         srows = self.catalog.snapshot_rows()
         roots = [(v.root, v.levels) for v in vrows] + [(s.root, s.levels) for s in srows]
@@ -175,6 +176,7 @@ class Pool:
             self._volumes[v.name] = build_volume(self, v, by_vol.get(v.name, []))
         self._dirty_volumes: set[str] = set()
         self.inplace = InPlaceLog(os.path.join(self.path, INPLACE), FileStore)
+        self.inplace.on_emptied = self.direct.revoke_all
         self.reclaimed_on_open["rehashed_blocks"] = self.inplace.recover(self)
 
     # -- context manager ----------------------------------------------------
@@ -198,6 +200,8 @@ class Pool:
         """Drop the pool without committing, as a crash would (crash tests use it;
         close() ends with it after its commit)."""
         self.closed = True
+        if hasattr(self, "direct"):
+            self.direct.close()
         for v in self._volumes.values():
             v._close()
         self.store.close()
@@ -223,6 +227,7 @@ class Pool:
         """
         with self.lock:
             self._check_open()
+            self.direct.harvest()   # checksums direct writes changed: their pages are dirty
             pp = self.pages
             vols = {v.name: v for v in volumes}
             for name in self._dirty_volumes:

@@ -127,6 +127,7 @@ class RowVolume(VolumeBase):
                 self.write(offset, bytes(first * bs - offset))
             if end > last * bs and last < self.nblocks:
                 self.write(last * bs, bytes(end - last * bs))
+            self.pool.direct.revoke_range(self, first, last)
             dropped = clear_range(self.pool.maps, self.tree, first, last)
             if len(dropped):
                 self.pool.space.decref(dropped, self.units)
@@ -148,6 +149,7 @@ class RowVolume(VolumeBase):
                     self.pool.space.decref(dropped, self.units)
             self.size = size
             self.pool.maps.grow(self.tree, levels_for(self.nblocks))
+            self.pool.direct.revoke_all()   # (and direct requests see the new size)
             self.pool.commit(volumes=[self])
 
     # -- snapshots ------------------------------------------------------------

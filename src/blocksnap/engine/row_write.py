@@ -57,7 +57,7 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
     Whole blocks go straight from `data`. A partial block at either end is merged
     with its old content (from the cache of partly written blocks, or read and
     checked) to get its new checksum; then, if the block may be written in place
-    (fresh, or reached by the live map alone: see `_in_place`), only the new bytes
+    (fresh, or reached by the live map alone: see `in_place`), only the new bytes
     are written there, else the merged block goes to new space. Zero blocks become
     holes, fresh whole blocks are overwritten in place, every other whole block
     gets new space; the map changes only after the data is written, so a failed
@@ -71,6 +71,7 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
     b1 = -(-end // bs)
     n = b1 - b0
     head = offset - b0 * bs
+    pool.direct.revoke_range(vol, b0, b1)   # (its cached blocks and units are the engine's again)
     old, old_sums = pool.maps.get_range(vol.tree, b0, b1)
     # (units 0 and 1 are the store header, never fresh: holes need no mask here)
     fresh = space.is_fresh(old)
@@ -89,7 +90,7 @@ def write_blocks(vol: "RowVolume", offset: int, data: memoryview, nz: np.ndarray
             hi = end - (b0 + e) * bs if e == n - 1 else bs
             piece = data[(b0 + e) * bs + lo - offset:(b0 + e) * bs + hi - offset]
             here = bool(fresh[e])
-            if not here and old[e] >= 2 and _in_place(pool, vol.tree, b0 + e, int(old[e])):
+            if not here and old[e] >= 2 and in_place(pool, vol.tree, b0 + e, int(old[e])):
                 here = True
                 committed.append(e)
                 if not any_inplace:
@@ -189,6 +190,7 @@ def write_small(vol: "RowVolume", offset: int, data: memoryview) -> bool:
     hi = lo + len(data)
     if hi > bs:
         return False
+    pool.direct.revoke_range(vol, b, b + 1)
     pp = pool.pages
     p = pool.maps.leaf(vol.tree, b // PAGE_ENTRIES)
     if not p:
@@ -198,7 +200,7 @@ def write_small(vol: "RowVolume", offset: int, data: memoryview) -> bool:
     if unit < 2:
         return False
     fresh = bool(pool.space.fresh[unit])
-    if not fresh and not _in_place(pool, vol.tree, b, unit):
+    if not fresh and not in_place(pool, vol.tree, b, unit):
         return False
     cache = pool.partial
     buf = cache.get(unit)
@@ -256,11 +258,12 @@ def write_small(vol: "RowVolume", offset: int, data: memoryview) -> bool:
     return True
 
 
-def _in_place(pool, tree, block: int, unit: int) -> bool:
+def in_place(pool, tree, block: int, unit: int, path_only: bool = False) -> bool:
     """May committed block `block` (stored at `unit`) be written in place? Only if
     nothing but this live map reaches it: one reference to the unit, and every page
-    on the map's path to its leaf unshared (a snapshot or clone shares the root)."""
-    if pool.space.bref[unit] != 1:
+    on the map's path to its leaf unshared (a snapshot or clone shares the root).
+    `path_only`: the path alone (the caller checks the units of the leaf)."""
+    if not path_only and pool.space.bref[unit] != 1:
         return False
     pp = pool.pages
     p = tree.root

@@ -27,6 +27,7 @@ import mfusepy
 from mfusepy import FuseOSError
 
 from ..errors import BlocksnapError, CorruptionError, OutOfSpace
+from .fast import FastPath, available
 from .write_behind import SpaceGuard, VolumeQueue, Writeback
 
 log = logging.getLogger("blocksnap.fuse")
@@ -35,6 +36,7 @@ VOLUME_FILE = "volume.img"
 SNAP_DIR = "snapshots"
 SNAP_SUFFIX = ".img"
 MAX_WRITE = 1 << 20
+LEASE_MAX = 128 << 10   # requests after which blocks are leased to the compiled path (random I/O)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -68,6 +70,7 @@ class Handle:
     snapshot: str | None
     obj: Any  # a volume, or a Snapshot
     writable: bool
+    image: int | None = None   # the engine's direct image (engine/direct.py), if it serves one
     key: tuple[str, str | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,13 +82,16 @@ class BlocksnapFS(mfusepy.Operations):
 
     `write_behind` False sends every write to the engine before it is acknowledged,
     without the queue (BLOCKSNAP_WRITE_BEHIND=off, which the daemon passes on).
+    `fast_io` False keeps every request on the Python path (BLOCKSNAP_FAST_IO=off);
+    else small reads and in-place writes of leased blocks are served by compiled
+    callbacks (fuse/fast.py, engine/direct.py).
     """
 
     use_ns = True
 
     def __init__(self, pool: Any, *, read_only: bool = False, allow_other: bool = False,
                  on_init: Callable[[], None] | None = None, max_write: int = MAX_WRITE,
-                 write_behind: bool = True):
+                 write_behind: bool = True, fast_io: bool = True):
         self.pool = pool
         self.read_only = read_only
         self.on_init = on_init
@@ -112,6 +118,7 @@ class BlocksnapFS(mfusepy.Operations):
         self.writeback: Writeback | None = None   # started with the first queue
         self._queues_closed = False
         self.hydration: Any = None   # recovery.hydrate_state.Hydrations (the daemon's): instant recovery
+        self.fast = FastPath(pool.direct) if fast_io and available(pool.direct) else None
 
     # -- what other parts of the daemon ask --------------------------------------
     def in_use(self, volume: str, snapshot: str | None = None) -> int:
@@ -152,7 +159,28 @@ class BlocksnapFS(mfusepy.Operations):
                     if self.writeback is None:
                         self.writeback = Writeback(self.pool.start_writeback)
                     q = self.queues[h.volume] = VolumeQueue(h.obj, self.space_guard, self.writeback)
+                    q.on_pending = functools.partial(self._pending, h.volume)
+                    with q.cond:
+                        q.announce()
         return q
+
+    def _pending(self, volume: str, n: int) -> None:
+        """The volume's queue holds n chunks (or an error): direct requests wait for 0."""
+        for h in list(self.handles.values()):
+            if h.image is not None and h.snapshot is None and h.volume == volume:
+                self.pool.direct.set_pending(h.image, n)
+
+    def _lease(self, h: Handle, offset: int, end: int) -> None:
+        """After the Python path served a small request: its blocks go to the
+        compiled path (not while a queue holds data, nor while hydrating)."""
+        if h.image is None or end - offset > LEASE_MAX:
+            return
+        if h.snapshot is None:
+            q = self.queues.get(h.volume)
+            if (q is not None and not q.idle()) or (self.hydration is not None and self.hydration.active(h.obj)):
+                return
+        with self.pool.lock:
+            self.pool.direct.grant(h.image, offset, end)
 
     def close_queues(self) -> None:
         """Drain and stop every queue; later writes go to the engine directly."""
@@ -223,7 +251,10 @@ class BlocksnapFS(mfusepy.Operations):
             return self._dir(2, created)
         if kind == "volimg":
             mode = self.ro_mode if self.read_only else self.rw_mode
-            return self._file(mode, vol.size, vol.block_size, self.mtime.get(vol.name, created))
+            mtime = self.mtime.get(vol.name, created)
+            if self.fast is not None:
+                mtime = max(mtime, self.pool.direct.last_write_ns(vol.name))
+            return self._file(mode, vol.size, vol.block_size, mtime)
         return self._file(self.ro_mode, snap.size, vol.block_size, int(snap.created * 1e9))
 
     def opendir(self, path: str) -> int:
@@ -307,6 +338,14 @@ class BlocksnapFS(mfusepy.Operations):
             fh = next(self._ids)
             self.handles[fh] = h
             self.open_count[h.key] += 1
+            if self.fast is not None:
+                h.image = self.pool.direct.open_image(h.obj, snap is not None)
+                if h.image is not None:
+                    q = self.queues.get(h.volume) if snap is None else None
+                    if q is not None:
+                        with q.cond:
+                            q.announce()
+                    self.fast.register(fh, h.image, writing)
         log.debug("open %s fh=%d %s", path, fh, "rw" if writing else "ro")
         return fh
 
@@ -314,6 +353,9 @@ class BlocksnapFS(mfusepy.Operations):
         last_writer = False
         with self.pool.lock:
             h = self.handles.pop(fh, None)
+            if h is not None and h.image is not None:
+                self.fast.unregister(fh)
+                self.pool.direct.close_image(h.image)
             if h is not None:
                 self.open_count[h.key] -= 1
                 if self.open_count[h.key] <= 0:
@@ -351,6 +393,8 @@ class BlocksnapFS(mfusepy.Operations):
         if self.hydration is not None and h.snapshot is None:
             self.hydration.before_read(obj, offset, end)   # blocks not local yet, from the backup
         obj.read_into(offset, out[:end - offset])
+        if h.image is not None:
+            self._lease(h, offset, end)
         return end - offset
 
     @fuse_errors
@@ -375,6 +419,8 @@ class BlocksnapFS(mfusepy.Operations):
         else:
             q.write(offset, data, queue=self.write_behind and (vol.mode == "row" or bool(vol.snapshot_rows)))
         self.mtime[h.volume] = time.time_ns()
+        if h.image is not None:
+            self._lease(h, offset, offset + n)
         return n
 
     @fuse_errors
@@ -456,4 +502,6 @@ class BlocksnapFS(mfusepy.Operations):
     def destroy(self, path: str) -> None:
         self._closing = True
         self.close_queues()
+        if self.fast is not None:
+            self.fast.close()
         log.info("FUSE session ends")

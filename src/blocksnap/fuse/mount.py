@@ -16,6 +16,8 @@ from typing import Any
 
 import mfusepy
 
+from . import fast
+
 log = logging.getLogger("blocksnap.fuse")
 
 _from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
@@ -66,4 +68,8 @@ def run_fuse(operations: Any, mountpoint: str, *, fsname: str = "blocksnap", rea
     if debug:
         opts["debug"] = True
     log.info("mounting FUSE at %s with %s", mountpoint, opts)
-    _FUSE(operations, mountpoint, **opts)
+    fast.starting(getattr(operations, "fast", None))
+    try:
+        _FUSE(operations, mountpoint, **opts)
+    finally:
+        fast.starting(None)

@@ -182,6 +182,9 @@ class VolumeQueue:
         self.closed = False
         self.delay = self.default_delay if delay is None else delay
         self.last_end = -1                    # where the last request ended (sequential runs)
+        # told how many chunks (+1 for an error) it holds, under cond, whenever that
+        # changes: while not 0, the compiled FUSE path leaves the volume to Python
+        self.on_pending: Callable[[int], None] = lambda n: None
         self.thread = threading.Thread(target=self._work, name=f"write-behind {vol.name}", daemon=True)
         self.thread.start()
 
@@ -263,6 +266,7 @@ class VolumeQueue:
                 c = _Chunk(self.seq, offset - offset % ALIGN,
                            self.spare.pop() if self.spare else bytearray(CHUNK))
                 self.chunks.append(c)
+                self.announce()
                 self.cond.notify_all()
                 return c
             self.cond.wait()
@@ -285,10 +289,19 @@ class VolumeQueue:
             finally:
                 self.draining -= 1
 
+    def announce(self) -> None:
+        """Tell on_pending what the queue holds (the caller holds cond)."""
+        self.on_pending(len(self.chunks) + (self.error is not None))
+
+    def idle(self) -> bool:
+        """Nothing queued and no error waiting (a moment's answer)."""
+        return not self.chunks and self.error is None
+
     def take_error(self) -> None:
         """Raise (once) an error the worker met since the last call."""
         with self.cond:
             err, self.error = self.error, None
+            self.announce()
         if err is not None:
             raise err
 
@@ -345,12 +358,14 @@ class VolumeQueue:
                     with self.cond:
                         if self.error is None:
                             self.error = e
+                            self.announce()
             del view
             self.space.release(c.reserved)
             if self.writeback is not None:
                 self.writeback.wrote(sum(hi - lo for lo, hi in c.runs))
             with self.cond:
                 self.chunks.remove(c)
+                self.announce()
                 self.done_seq = c.seq
                 if len(self.spare) < LIMIT:   # (fresh memory is slow to touch here)
                     self.spare.append(c.buf)

@@ -284,6 +284,10 @@ class Hydrations:
         return h
 
     # -- the hooks BlocksnapFS calls (False/None: not hydrating, do as usual) ---------
+    def active(self, vol: Any) -> bool:
+        """Is `vol` hydrating (so no block of it may be served past these hooks)?"""
+        return _hydrating(vol)
+
     def before_read(self, vol: Any, offset: int, end: int) -> None:
         h = self.get(vol.name) if _hydrating(vol) else None
         if h is not None:

@@ -62,18 +62,20 @@ def setup_logging(pool_path: str, debug: bool = False) -> None:
 
 
 class Daemon:
-    """`loop_direct_io` and `write_behind` are BLOCKSNAP_LOOP_DIRECT_IO and
-    BLOCKSNAP_WRITE_BEHIND of the command that starts it (`serve` passes its settings)."""
+    """`loop_direct_io`, `write_behind` and `fast_io` are BLOCKSNAP_LOOP_DIRECT_IO,
+    BLOCKSNAP_WRITE_BEHIND and BLOCKSNAP_FAST_IO of the command that starts it (`serve`
+    passes its settings)."""
 
     def __init__(self, pool_path: str, mountpoint: str, *, read_only: bool = False,
                  allow_other: bool = False, loop_direct_io: bool = True, write_behind: bool = True,
-                 debug: bool = False):
+                 fast_io: bool = True, debug: bool = False):
         self.pool_path = os.path.abspath(pool_path)
         self.mountpoint = os.path.abspath(mountpoint)
         self.read_only = read_only
         self.allow_other = allow_other
         self.loop_direct_io = loop_direct_io
         self.write_behind = write_behind
+        self.fast_io = fast_io
         self.debug = debug
         self.ready = threading.Event()
         self.stopping = threading.Event()
@@ -109,7 +111,7 @@ class Daemon:
         daemon_state.check_mountpoint(self.mountpoint)
         from ..fuse import BlocksnapFS  # late: loads libfuse only in the daemon
         self.fs = BlocksnapFS(self.pool, read_only=self.read_only, allow_other=self.allow_other,
-                              write_behind=self.write_behind)
+                              write_behind=self.write_behind, fast_io=self.fast_io)
         from ..recovery.hydrate_state import hydrations
         self.fs.hydration = hydrations(self.pool)   # volumes restored instantly: reads fetch, writes keep
         threading.Thread(target=self._fuse_main, name="fuse", daemon=True).start()

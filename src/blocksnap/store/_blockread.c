@@ -32,6 +32,8 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "fileio.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)   /* the pragma is GCC's */
 uint64_t blockread_xxh3_avx2(const void *data, size_t len);   /* _blockread_avx2.c */
 #endif
@@ -46,27 +48,6 @@ static uint64_t (*xxh3)(const void *, size_t) = xxh3_default;
 
 /* The largest store position (in units) whose blocks' byte offsets fit an off_t. */
 #define MAX_PTR(unit) ((uint64_t)(INT64_MAX / 2) / (uint64_t)(unit))
-
-/* pread until `len` bytes or end of file (the rest zeroed); 0 or an errno. */
-static int read_full(int fd, char *dst, size_t len, off_t pos)
-{
-    while (len) {
-        ssize_t n = pread(fd, dst, len, pos);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (n == 0) {
-            memset(dst, 0, len);
-            return 0;
-        }
-        dst += n;
-        len -= (size_t)n;
-        pos += n;
-    }
-    return 0;
-}
 
 /* The work itself, run without the GIL: 0 and *bad set, or an errno. */
 static int fill(int fd, const uint64_t *ptrs, const uint64_t *sums, Py_ssize_t n, size_t bs,
@@ -259,27 +240,6 @@ static PyObject *read_blocks(PyObject *self, PyObject *args)
 }
 
 /* merge_write: see the module docstring of filestore.FileStore.merge_write. */
-static int all_zero(const char *p, size_t n)
-{
-    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
-
-static int write_full(int fd, const char *src, size_t len, off_t pos)
-{
-    while (len) {
-        ssize_t n = pwrite(fd, src, len, pos);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        src += n;
-        len -= (size_t)n;
-        pos += n;
-    }
-    return 0;
-}
-
 static PyObject *merge_write(PyObject *self, PyObject *args)
 {
     int fd, have;
