@@ -201,7 +201,7 @@ static uint64_t *lease_of(const uint64_t *im, uint64_t block)
     uint64_t *table = (uint64_t *)(uintptr_t)im[IM_TABLE];
     if (!table)
         return NULL;
-    uint64_t *row = table + 4 * ((block * LEASE_HASH) >> im[IM_SHIFT]);
+    uint64_t *row = table + 4 * (block & im[IM_MASK]);
     return row[L_TAG] == block + 1 ? row : NULL;
 }
 
@@ -412,7 +412,7 @@ PyMODINIT_FUNC PyInit__direct(void)
 #define WORD(name) PyModule_AddIntConstant(m, #name, name)
     if (WORD(H_WORDS) || WORD(H_LOCK) || WORD(H_PTR) || WORD(H_CSUM) || WORD(H_ENTRIES) || WORD(H_UNIT)
         || WORD(H_FD) || WORD(H_IMAGES) || WORD(IM_WORDS) || WORD(IM_ACTIVE) || WORD(IM_SIZE) || WORD(IM_BS)
-        || WORD(IM_PENDING) || WORD(IM_TABLE) || WORD(IM_SHIFT) || WORD(IM_LAST_WRITE) || WORD(IM_READS)
+        || WORD(IM_PENDING) || WORD(IM_TABLE) || WORD(IM_MASK) || WORD(IM_LAST_WRITE) || WORD(IM_READS)
         || WORD(IM_WRITES) || WORD(L_TAG) || WORD(L_PAGE) || WORD(L_UNIT) || WORD(L_FLAGS)
         || WORD(LEASE_READ) || WORD(LEASE_WRITE) || WORD(LEASE_WRITTEN)) {
         Py_DECREF(m);

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 MAX_IMAGES = 256
 MIN_BITS, MAX_BITS = 10, 20          # lease table rows: 1 Ki .. 1 Mi per image (32 B each)
-HASH = np.uint64(0x9E3779B97F4A7C15)  # direct_state.h LEASE_HASH
 
 
 def new_lock() -> Any:
@@ -62,7 +61,7 @@ class Image:
     obj: Any          # a RowVolume, or a Snapshot of one
     live: bool
     table: np.ndarray  # (rows, 4) uint64: [block + 1, page << 16 | index, unit, flags]
-    shift: int
+    mask: int          # row of a block: block & mask (one row per block, up to 1 Mi blocks)
     opens: int = 1
     leased: bool = False   # rows granted since the table was last cleared
 
@@ -133,14 +132,14 @@ class DirectAccess:
             return None
         bits = int(min(MAX_BITS, max(MIN_BITS, (max(vol.nblocks, 1) - 1).bit_length())))
         table = np.zeros((1 << bits, 4), np.uint64)
-        im = Image(free[0], obj, not snapshot, table, 64 - bits)
+        im = Image(free[0], obj, not snapshot, table, (1 << bits) - 1)
         words = self._im(im.slot)
         d = _direct
         words[:] = 0
         words[d.IM_SIZE] = obj.size
         words[d.IM_BS] = vol.block_size
         words[d.IM_TABLE] = table.ctypes.data
-        words[d.IM_SHIFT] = im.shift
+        words[d.IM_MASK] = im.mask
         words[d.IM_ACTIVE] = 1
         self.images[im.slot] = im
         self._by_key[key] = im
@@ -184,8 +183,7 @@ class DirectAccess:
 
     # -- leases (all under the pool lock) -------------------------------------------
     def _rows(self, im: Image, blocks: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return ((blocks.astype(np.uint64) * HASH) >> np.uint64(im.shift)).astype(np.int64)
+        return blocks.astype(np.int64) & im.mask
 
     def grant(self, slot: int, offset: int, end: int) -> None:
         """Lease the blocks of the leaf pages [offset, end) falls in (after the Python

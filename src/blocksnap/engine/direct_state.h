@@ -21,7 +21,7 @@
 #define IM_BS 2
 #define IM_PENDING 3      /* the write-behind queue holds data for it: no direct request */
 #define IM_TABLE 4        /* address of its lease table (rows of 4 words) */
-#define IM_SHIFT 5        /* row = (block * LEASE_HASH) >> shift */
+#define IM_MASK 5         /* row = block & mask (rows: a power of two) */
 #define IM_LAST_WRITE 6   /* ns, last direct write */
 #define IM_READS 7
 #define IM_WRITES 8
@@ -35,6 +35,5 @@
 #define LEASE_READ 1
 #define LEASE_WRITE 2
 #define LEASE_WRITTEN 256
-#define LEASE_HASH 0x9E3779B97F4A7C15ull
 
 #endif
