@@ -37,14 +37,17 @@ def test_the_compiled_modules_are_built():
 class Mounted:
     """A pool served by BlocksnapFS in a thread of this process."""
 
-    def __init__(self, tmp_path, *, fast_io: bool = True, size: int = 32 * MiB):
+    def __init__(self, tmp_path, *, fast_io: bool = True, size: int = 32 * MiB, origin: str | None = None):
         self.path = str(tmp_path / "pool")
         self.mnt = tmp_path / "mnt"
         self.mnt.mkdir(exist_ok=True)
         if not os.path.exists(self.path):
             Pool.create(self.path, size=512 * MiB).close()
             with Pool.open(self.path) as p:
-                p.create_volume("v", size)
+                if origin is None:
+                    p.create_volume("v", size)
+                else:
+                    p.create_volume("v", mode="cow", origin=origin)
         self.pool = Pool.open(self.path)
         self.fs = BlocksnapFS(self.pool, fast_io=fast_io)
         self.thread = threading.Thread(target=run_fuse, args=(self.fs, str(self.mnt)), daemon=True)
@@ -223,3 +226,43 @@ def test_lease_rows_follow_the_engine(tmp_path):
     finally:
         os.close(fd)
         m.stop()
+
+
+def test_cow_direct_writes_leave_every_snapshot_its_data(tmp_path):
+    """A COW volume: direct reads and writes go to the origin, but never to a block
+    the newest snapshot still needs there (its copy is made first, by Python)."""
+    origin = tmp_path / "origin.img"
+    rnd = random.Random(9)
+    model = bytearray(rnd.randbytes(8 * MiB))
+    origin.write_bytes(bytes(model))
+    m = Mounted(tmp_path, origin=str(origin))
+    snaps: list[tuple[str, bytes]] = []
+    fd = os.open(m.img, os.O_RDWR)
+    try:
+        for phase in range(3):
+            for _ in range(2000):
+                n = rnd.choice([512, 4096, 4096, 8192, 65536])
+                off = rnd.randrange(0, 8 * MiB - n) & ~511
+                if rnd.random() < 0.6:
+                    data = rnd.randbytes(n)
+                    os.pwrite(fd, data, off)
+                    model[off:off + n] = data
+                else:
+                    assert os.pread(fd, n, off) == bytes(model[off:off + n]), (phase, off, n)
+            m.fs.drain("v")
+            m.pool.volume("v").snapshot(f"s{phase}")
+            snaps.append((f"s{phase}", bytes(model)))
+        reads, writes = _counts(m)
+        assert reads > 500 and writes > 500, (reads, writes)
+        for name, want in snaps:
+            with open(m.mnt / "v" / "snapshots" / f"{name}.img", "rb") as f:
+                assert f.read() == want, f"snapshot {name}"
+        assert os.pread(fd, 8 * MiB, 0) == bytes(model)
+    finally:
+        os.close(fd)
+        m.stop()
+    assert origin.read_bytes() == bytes(model)
+    with Pool.open(m.path) as p:
+        assert p.check()["clean"]
+        for name, want in snaps:
+            assert p.volume("v").get_snapshot(name).read(0, 8 * MiB) == want, f"reopened snapshot {name}"

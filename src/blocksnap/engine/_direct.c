@@ -19,6 +19,10 @@
  * words, and per image a lease table of 4-word rows:
  *   [block + 1 (0: empty), page << 16 | index, unit, flags]
  * flags: 1 read, 2 write in place, 256 written since the engine last looked.
+ * A live COW image (IM_KIND) keeps its data in the origin file, unchecked, as the
+ * engine does: a read is one pread there while IM_COW_OK, a write one pwrite there
+ * when every block it covers holds a write lease (no snapshot still needs the old
+ * bytes: the engine preserved them, committed).
  * A direct request returns the bytes done, a negative errno, or FALLBACK: the caller
  * then hands the request to the Python path, which does everything the usual way.
  */
@@ -213,6 +217,47 @@ static uint64_t *image_of(uint64_t *st, uint32_t image)
     return im[IM_ACTIVE] ? im : NULL;
 }
 
+/* A live COW image: the origin, under the shared lock. */
+static long cow_read(uint64_t *st, uint64_t *im, char *buf, size_t size, int64_t off)
+{
+    pthread_rwlock_t *rw = (pthread_rwlock_t *)(uintptr_t)st[H_LOCK];
+    if (pthread_rwlock_rdlock(rw))
+        return FALLBACK;
+    long result = FALLBACK;
+    if (im[IM_ACTIVE] && im[IM_COW_OK] && !__atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE)) {
+        int err = read_full((int)im[IM_FD], buf, size, (off_t)off);
+        result = err ? FALLBACK : (long)size;
+        if (!err)
+            __atomic_add_fetch(&im[IM_READS], 1, __ATOMIC_RELAXED);
+    }
+    pthread_rwlock_unlock(rw);
+    return result;
+}
+
+static long cow_write(uint64_t *st, uint64_t *im, const char *data, size_t size, int64_t off)
+{
+    pthread_rwlock_t *rw = (pthread_rwlock_t *)(uintptr_t)st[H_LOCK];
+    if (pthread_rwlock_rdlock(rw))
+        return FALLBACK;
+    long result = FALLBACK;
+    uint64_t bs = im[IM_BS], first = (uint64_t)off / bs, last = ((uint64_t)off + size - 1) / bs;
+    if (!im[IM_ACTIVE] || !im[IM_COW_OK] || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
+        goto out;
+    for (uint64_t b = first; b <= last; b++) {
+        uint64_t *row = lease_of(im, b);
+        if (!row || !(row[L_FLAGS] & LEASE_WRITE))
+            goto out;
+    }
+    int err = write_full((int)im[IM_FD], data, size, (off_t)off);
+    result = err ? -err : (long)size;
+    __atomic_or_fetch(&lease_of(im, first)[L_FLAGS], LEASE_WRITTEN, __ATOMIC_RELAXED);   /* (origin to sync) */
+    __atomic_store_n(&im[IM_LAST_WRITE], now_ns(), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&im[IM_WRITES], 1, __ATOMIC_RELAXED);
+out:
+    pthread_rwlock_unlock(rw);
+    return result;
+}
+
 /* Bytes [off, off + size) of image `image` into buf: size, or FALLBACK. */
 static long direct_read(uint64_t *st, uint32_t image, char *buf, size_t size, int64_t off)
 {
@@ -220,6 +265,8 @@ static long direct_read(uint64_t *st, uint32_t image, char *buf, size_t size, in
     if (!im || !size || off < 0 || (uint64_t)off + size > im[IM_SIZE]
         || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
         return FALLBACK;
+    if (im[IM_KIND] == KIND_COW)
+        return cow_read(st, im, buf, size, off);
     pthread_rwlock_t *rw = (pthread_rwlock_t *)(uintptr_t)st[H_LOCK];
     if (pthread_rwlock_rdlock(rw))
         return FALLBACK;
@@ -277,6 +324,8 @@ static long direct_write(uint64_t *st, uint32_t image, const char *data, size_t 
     if (!im || !size || off < 0 || (uint64_t)off + size > im[IM_SIZE]
         || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
         return FALLBACK;
+    if (im[IM_KIND] == KIND_COW)
+        return cow_write(st, im, data, size, off);
     size_t bs = im[IM_BS];
     uint64_t b = (uint64_t)off / bs;
     size_t lo = (size_t)((uint64_t)off - b * bs), hi = lo + size;
@@ -413,7 +462,7 @@ PyMODINIT_FUNC PyInit__direct(void)
     if (WORD(H_WORDS) || WORD(H_LOCK) || WORD(H_PTR) || WORD(H_CSUM) || WORD(H_ENTRIES) || WORD(H_UNIT)
         || WORD(H_FD) || WORD(H_IMAGES) || WORD(IM_WORDS) || WORD(IM_ACTIVE) || WORD(IM_SIZE) || WORD(IM_BS)
         || WORD(IM_PENDING) || WORD(IM_TABLE) || WORD(IM_MASK) || WORD(IM_LAST_WRITE) || WORD(IM_READS)
-        || WORD(IM_WRITES) || WORD(L_TAG) || WORD(L_PAGE) || WORD(L_UNIT) || WORD(L_FLAGS)
+        || WORD(IM_WRITES) || WORD(IM_KIND) || WORD(IM_FD) || WORD(IM_COW_OK) || WORD(KIND_COW) || WORD(L_TAG) || WORD(L_PAGE) || WORD(L_UNIT) || WORD(L_FLAGS)
         || WORD(LEASE_READ) || WORD(LEASE_WRITE) || WORD(LEASE_WRITTEN)) {
         Py_DECREF(m);
         return NULL;

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .layout import PAGE_ENTRIES, UNIT
+from .layout import HOLE, PAGE_ENTRIES, UNIT
 from .row_write import in_place
 
 try:
@@ -64,6 +64,10 @@ class Image:
     mask: int          # row of a block: block & mask (one row per block, up to 1 Mi blocks)
     opens: int = 1
     leased: bool = False   # rows granted since the table was last cleared
+
+    @property
+    def cow(self) -> bool:
+        return self.live and self.obj.mode == "cow"
 
     def volume(self) -> Any:
         return self.obj if self.live else self.obj.volume
@@ -116,9 +120,9 @@ class DirectAccess:
     # -- images (the FUSE layer opens one per volume or snapshot it serves) ---------
     def open_image(self, obj: Any, snapshot: bool) -> int | None:
         """A slot for direct requests on `obj` (a volume, or a Snapshot), or None
-        (COW, or not compiled). The caller holds the pool lock."""
+        (a COW snapshot, or not compiled). The caller holds the pool lock."""
         vol = obj.volume if snapshot else obj
-        if not self.enabled or vol.mode != "row":
+        if not self.enabled or (vol.mode != "row" and snapshot):
             return None
         key = (vol.name, obj.name if snapshot else None)
         im = self._by_key.get(key)
@@ -140,6 +144,7 @@ class DirectAccess:
         words[d.IM_BS] = vol.block_size
         words[d.IM_TABLE] = table.ctypes.data
         words[d.IM_MASK] = im.mask
+        words[d.IM_KIND] = d.KIND_COW if im.cow else 0
         words[d.IM_ACTIVE] = 1
         self.images[im.slot] = im
         self._by_key[key] = im
@@ -200,8 +205,12 @@ class DirectAccess:
         if vol.deleted or pool.closed:
             return
         bs = vol.block_size
-        tree = im.tree()
         first, last = offset // bs // PAGE_ENTRIES, (end - 1) // bs // PAGE_ENTRIES
+        if im.cow:
+            for li in range(first, min(last, first + 1) + 1):
+                self._grant_cow(im, li)
+            return
+        tree = im.tree()
         for li in range(first, min(last, first + 1) + 1):
             p = pool.maps.leaf(tree, li)
             if p:   # (no leaf page yet: the engine's first write there makes one)
@@ -239,6 +248,35 @@ class DirectAccess:
         t[rows, 0] = blocks + np.uint64(1)
         im.leased = True
 
+    def _grant_cow(self, im: Image, li: int) -> None:
+        """A live COW volume: reads of the origin, and writes to the blocks of group
+        `li` (1024 blocks) that no snapshot still needs in the origin: none exists,
+        or the newest one has its copy, committed (CowVolume._preserve)."""
+        vol, d = im.obj, _direct
+        g0 = li * PAGE_ENTRIES
+        g1 = min(g0 + PAGE_ENTRIES, vol.nblocks)
+        if g1 <= g0:
+            return
+        blocks = np.arange(g0, g1, dtype=np.int64)
+        ok = np.ones(g1 - g0, bool)
+        if vol.snapshot_rows:
+            newest = vol.trees[vol.snapshot_rows[-1].name]
+            ok = self.pool.maps.get_range(newest, g0, g1)[0] != HOLE
+            if vol._copied and vol._copied_epoch == self.pool.commit_epoch:   # (copied, not committed yet)
+                ok &= ~np.isin(blocks, np.fromiter(vol._copied, np.int64))
+        words = self._im(im.slot)
+        words[d.IM_FD] = vol.origin_store.fd
+        words[d.IM_COW_OK] = 1
+        rows = self._rows(im, blocks)
+        t = im.table
+        if np.count_nonzero(t[rows, 3] & np.uint64(d.LEASE_WRITTEN)):
+            vol._origin_dirty = True
+        t[rows, 1] = 0
+        t[rows, 2] = 0
+        t[rows, 3] = np.where(ok, d.LEASE_READ | d.LEASE_WRITE, d.LEASE_READ).astype(np.uint64)
+        t[rows, 0] = blocks.astype(np.uint64) + np.uint64(1)
+        im.leased = True
+
     def revoke_range(self, vol: Any, b0: int, b1: int) -> None:
         """The engine writes blocks [b0, b1) of `vol`'s live map itself."""
         im = self._by_key.get((vol.name, None))
@@ -261,6 +299,7 @@ class DirectAccess:
         for im in self.images.values():
             self._clear(im)
             words = self._im(im.slot)
+            words[_direct.IM_COW_OK] = 0
             words[_direct.IM_SIZE] = im.obj.size   # (a resize comes through here too)
 
     def _clear(self, im: Image) -> None:
@@ -280,6 +319,10 @@ class DirectAccess:
         flags = im.table[:, 3]
         hit = np.flatnonzero(flags & np.uint64(_direct.LEASE_WRITTEN))
         if not len(hit):
+            return
+        if im.cow:   # written to the origin: the next commit syncs it
+            flags[hit] &= ~np.uint64(_direct.LEASE_WRITTEN)
+            im.obj._origin_dirty = True
             return
         self.pool.pages.dirty.update((im.table[hit, 1] >> np.uint64(16)).astype(np.int64).tolist())
         flags[hit] &= ~np.uint64(_direct.LEASE_WRITTEN)

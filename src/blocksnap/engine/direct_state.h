@@ -25,6 +25,11 @@
 #define IM_LAST_WRITE 6   /* ns, last direct write */
 #define IM_READS 7
 #define IM_WRITES 8
+#define IM_KIND 9         /* KIND_ROW, or KIND_COW: the live data is the origin file, as is */
+#define IM_FD 10          /* COW: the origin's file descriptor, while IM_COW_OK */
+#define IM_COW_OK 11      /* COW: reads may go to the origin (revoked with the leases) */
+#define KIND_ROW 0
+#define KIND_COW 1
 #define IM_WORDS 16
 
 /* lease rows */

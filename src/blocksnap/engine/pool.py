@@ -399,6 +399,7 @@ class Pool:
             if vol.snapshot_rows and not recursive:
                 raise Busy(f"volume {name!r} has {len(vol.snapshot_rows)} snapshot(s): "
                            "delete them first, or delete recursively", param="recursive")
+            self.direct.revoke_all()   # (a COW volume's origin closes)
             vol._drop_all()
             deleted = [(name, s.name) for s in vol.snapshot_rows]
             del self._volumes[name]

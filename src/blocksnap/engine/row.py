@@ -149,7 +149,6 @@ class RowVolume(VolumeBase):
                     self.pool.space.decref(dropped, self.units)
             self.size = size
             self.pool.maps.grow(self.tree, levels_for(self.nblocks))
-            self.pool.direct.revoke_all()   # (and direct requests see the new size)
             self.pool.commit(volumes=[self])
 
     # -- snapshots ------------------------------------------------------------

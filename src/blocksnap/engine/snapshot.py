@@ -96,6 +96,7 @@ class Snapshot:
     def delete(self) -> None:
         with self.volume.pool.lock:
             self._check()
+            self.volume.pool.direct.revoke_all()   # (a COW volume's newest snapshot may change)
             self.volume._delete_snapshot(self.row)
 
     def clone(self, name: str, progress: Callable[[int, int], None] | None = None):

@@ -107,6 +107,7 @@ class VolumeBase(ABC):
         """Atomic: holds every write completed before the call; durable on return."""
         with self.pool.lock:
             self._check()
+            self.pool.direct.revoke_all()   # (the blocks it shares are no one's to write in place)
             srow = self._create_snapshot(name, labels, consistency, hooks)
             return Snapshot(self, srow)
 
@@ -121,6 +122,7 @@ class VolumeBase(ABC):
     def rollback(self, name: str) -> None:
         with self.pool.lock:
             self._check()
+            self.pool.direct.revoke_all()
             self._rollback(self._srow(name))
 
     def info(self) -> dict[str, Any]:
@@ -144,6 +146,7 @@ class VolumeBase(ABC):
                                       "shrinking drops the data past the new end", param="shrink")
             if size != self.size:
                 self._resize(size)
+                self.pool.direct.revoke_all()   # (direct requests see the new size)
 
     def update_extra(self, changes: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> None:
         """Set and remove keys of the volume's free-form info (streams record what was
