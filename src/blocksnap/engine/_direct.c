@@ -209,6 +209,21 @@ static uint64_t *lease_of(const uint64_t *im, uint64_t block)
     return row[L_TAG] == block + 1 ? row : NULL;
 }
 
+/* Does the write-behind queue hold data the request overlaps (or is it in error)?
+ * Ranges are published before the writes in them are acknowledged, and cleared
+ * after they reach the engine, so a request sees every acknowledged one. */
+static int queued(const uint64_t *im, uint64_t off, uint64_t end)
+{
+    if (__atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
+        return 1;
+    for (int i = 0; i < QUEUE_SLOTS; i++) {
+        uint64_t hi = __atomic_load_n(&im[IM_QUEUED + 2 * i + 1], __ATOMIC_ACQUIRE);
+        if (hi && off < hi && __atomic_load_n(&im[IM_QUEUED + 2 * i], __ATOMIC_ACQUIRE) < end)
+            return 1;
+    }
+    return 0;
+}
+
 static uint64_t *image_of(uint64_t *st, uint32_t image)
 {
     if (image >= st[H_IMAGES])
@@ -224,7 +239,7 @@ static long cow_read(uint64_t *st, uint64_t *im, char *buf, size_t size, int64_t
     if (pthread_rwlock_rdlock(rw))
         return FALLBACK;
     long result = FALLBACK;
-    if (im[IM_ACTIVE] && im[IM_COW_OK] && !__atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE)) {
+    if (im[IM_ACTIVE] && im[IM_COW_OK] && !queued(im, (uint64_t)off, (uint64_t)off + size)) {
         int err = read_full((int)im[IM_FD], buf, size, (off_t)off);
         result = err ? FALLBACK : (long)size;
         if (!err)
@@ -241,7 +256,7 @@ static long cow_write(uint64_t *st, uint64_t *im, const char *data, size_t size,
         return FALLBACK;
     long result = FALLBACK;
     uint64_t bs = im[IM_BS], first = (uint64_t)off / bs, last = ((uint64_t)off + size - 1) / bs;
-    if (!im[IM_ACTIVE] || !im[IM_COW_OK] || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
+    if (!im[IM_ACTIVE] || !im[IM_COW_OK] || queued(im, (uint64_t)off, (uint64_t)off + size))
         goto out;
     for (uint64_t b = first; b <= last; b++) {
         uint64_t *row = lease_of(im, b);
@@ -263,7 +278,7 @@ static long direct_read(uint64_t *st, uint32_t image, char *buf, size_t size, in
 {
     uint64_t *im = image_of(st, image);
     if (!im || !size || off < 0 || (uint64_t)off + size > im[IM_SIZE]
-        || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
+        || queued(im, (uint64_t)off, (uint64_t)off + size))
         return FALLBACK;
     if (im[IM_KIND] == KIND_COW)
         return cow_read(st, im, buf, size, off);
@@ -276,7 +291,7 @@ static long direct_read(uint64_t *st, uint32_t image, char *buf, size_t size, in
     uint64_t *sums = (uint64_t *)(uintptr_t)st[H_CSUM];
     int fd = (int)st[H_FD];
     char *tmp = scratch_for(bs);
-    if (!im[IM_ACTIVE] || !tmp || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE)) {
+    if (!im[IM_ACTIVE] || !tmp || queued(im, (uint64_t)off, (uint64_t)off + size)) {
         result = FALLBACK;
         goto out;
     }
@@ -322,7 +337,7 @@ static long direct_write(uint64_t *st, uint32_t image, const char *data, size_t 
 {
     uint64_t *im = image_of(st, image);
     if (!im || !size || off < 0 || (uint64_t)off + size > im[IM_SIZE]
-        || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
+        || queued(im, (uint64_t)off, (uint64_t)off + size))
         return FALLBACK;
     if (im[IM_KIND] == KIND_COW)
         return cow_write(st, im, data, size, off);
@@ -338,7 +353,7 @@ static long direct_write(uint64_t *st, uint32_t image, const char *data, size_t 
     uint64_t *row = lease_of(im, b);
     char *tmp = scratch_for(bs);
     if (!im[IM_ACTIVE] || !row || !(row[L_FLAGS] & LEASE_WRITE) || !tmp
-        || __atomic_load_n(&im[IM_PENDING], __ATOMIC_ACQUIRE))
+        || queued(im, (uint64_t)off, (uint64_t)off + size))
         goto out;
     size_t unit = st[H_UNIT];
     size_t at = (size_t)((row[L_PAGE] >> 16) * st[H_ENTRIES] + (row[L_PAGE] & 0xffff));
@@ -462,7 +477,7 @@ PyMODINIT_FUNC PyInit__direct(void)
     if (WORD(H_WORDS) || WORD(H_LOCK) || WORD(H_PTR) || WORD(H_CSUM) || WORD(H_ENTRIES) || WORD(H_UNIT)
         || WORD(H_FD) || WORD(H_IMAGES) || WORD(IM_WORDS) || WORD(IM_ACTIVE) || WORD(IM_SIZE) || WORD(IM_BS)
         || WORD(IM_PENDING) || WORD(IM_TABLE) || WORD(IM_MASK) || WORD(IM_LAST_WRITE) || WORD(IM_READS)
-        || WORD(IM_WRITES) || WORD(IM_KIND) || WORD(IM_FD) || WORD(IM_COW_OK) || WORD(KIND_COW) || WORD(L_TAG) || WORD(L_PAGE) || WORD(L_UNIT) || WORD(L_FLAGS)
+        || WORD(IM_WRITES) || WORD(IM_KIND) || WORD(IM_FD) || WORD(IM_COW_OK) || WORD(KIND_COW) || WORD(IM_QUEUED) || WORD(QUEUE_SLOTS) || WORD(L_TAG) || WORD(L_PAGE) || WORD(L_UNIT) || WORD(L_FLAGS)
         || WORD(LEASE_READ) || WORD(LEASE_WRITE) || WORD(LEASE_WRITTEN)) {
         Py_DECREF(m);
         return NULL;

@@ -169,10 +169,31 @@ class DirectAccess:
         if key is not None:
             del self._by_key[key]
 
-    def set_pending(self, slot: int, n: int) -> None:
-        """The write-behind queue holds `n` chunks (or an error) for this image: while
-        it does, every request takes the Python path, which orders after them."""
-        self._im(slot)[_direct.IM_PENDING] = n
+    def set_queued(self, slot: int, ranges: list[tuple[int, int]], blocked: bool) -> None:
+        """The write-behind queue holds data for these byte ranges of the live image
+        (or, `blocked`, an error to report): direct requests that overlap them (all,
+        when blocked) take the Python path, which orders after the queue. Called
+        before the queued writes are acknowledged and after they reach the engine;
+        a range being replaced is never absent meanwhile (new ones are written
+        first, into free slots)."""
+        d = _direct
+        words = self._im(slot)
+        q = words[d.IM_QUEUED:d.IM_QUEUED + 2 * d.QUEUE_SLOTS].reshape(-1, 2)
+        if blocked or len(ranges) > d.QUEUE_SLOTS:
+            words[d.IM_PENDING] = 1
+        want = set(ranges) if len(ranges) <= d.QUEUE_SLOTS else set()
+        have = {(int(lo), int(hi)) for lo, hi in q.tolist() if hi}
+        free = [i for i in range(d.QUEUE_SLOTS) if not q[i, 1]]
+        for lo, hi in want - have:
+            i = free.pop()
+            q[i, 0] = lo
+            q[i, 1] = hi   # (last: the C side reads hi first)
+        for i in range(d.QUEUE_SLOTS):
+            if q[i, 1] and (int(q[i, 0]), int(q[i, 1])) not in want:
+                q[i, 1] = 0
+                q[i, 0] = 0
+        if not blocked and len(ranges) <= d.QUEUE_SLOTS:
+            words[d.IM_PENDING] = 0
 
     def last_write_ns(self, volume: str) -> int:
         im = self._by_key.get((volume, None))

@@ -19,7 +19,7 @@
 #define IM_ACTIVE 0
 #define IM_SIZE 1
 #define IM_BS 2
-#define IM_PENDING 3      /* the write-behind queue holds data for it: no direct request */
+#define IM_PENDING 3      /* the write-behind queue cannot be told apart (an error): no direct request */
 #define IM_TABLE 4        /* address of its lease table (rows of 4 words) */
 #define IM_MASK 5         /* row = block & mask (rows: a power of two) */
 #define IM_LAST_WRITE 6   /* ns, last direct write */
@@ -28,9 +28,11 @@
 #define IM_KIND 9         /* KIND_ROW, or KIND_COW: the live data is the origin file, as is */
 #define IM_FD 10          /* COW: the origin's file descriptor, while IM_COW_OK */
 #define IM_COW_OK 11      /* COW: reads may go to the origin (revoked with the leases) */
+#define IM_QUEUED 12      /* QUEUE_SLOTS pairs [lo, hi) of bytes the queue holds (hi 0: free) */
+#define QUEUE_SLOTS 8
 #define KIND_ROW 0
 #define KIND_COW 1
-#define IM_WORDS 16
+#define IM_WORDS 32
 
 /* lease rows */
 #define L_TAG 0

@@ -164,11 +164,12 @@ class BlocksnapFS(mfusepy.Operations):
                         q.announce()
         return q
 
-    def _pending(self, volume: str, n: int) -> None:
-        """The volume's queue holds n chunks (or an error): direct requests wait for 0."""
-        for h in list(self.handles.values()):
-            if h.image is not None and h.snapshot is None and h.volume == volume:
-                self.pool.direct.set_pending(h.image, n)
+    def _pending(self, volume: str, ranges: list[tuple[int, int]], error: bool) -> None:
+        """The volume's queue holds data for these ranges (or an error waits): direct
+        requests there (everywhere, on an error) take the Python path."""
+        for image in {h.image for h in list(self.handles.values())
+                      if h.image is not None and h.snapshot is None and h.volume == volume}:
+            self.pool.direct.set_queued(image, ranges, error)
 
     def _lease(self, h: Handle, offset: int, end: int) -> None:
         """After the Python path served a small request: its blocks go to the
@@ -177,7 +178,8 @@ class BlocksnapFS(mfusepy.Operations):
             return
         if h.snapshot is None:
             q = self.queues.get(h.volume)
-            if (q is not None and not q.idle()) or (self.hydration is not None and self.hydration.active(h.obj)):
+            if (q is not None and q.error is not None) or (self.hydration is not None
+                                                           and self.hydration.active(h.obj)):
                 return
         with self.pool.lock:
             self.pool.direct.grant(h.image, offset, end)

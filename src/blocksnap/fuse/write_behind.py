@@ -182,9 +182,9 @@ class VolumeQueue:
         self.closed = False
         self.delay = self.default_delay if delay is None else delay
         self.last_end = -1                    # where the last request ended (sequential runs)
-        # told how many chunks (+1 for an error) it holds, under cond, whenever that
-        # changes: while not 0, the compiled FUSE path leaves the volume to Python
-        self.on_pending: Callable[[int], None] = lambda n: None
+        # told the volume ranges its chunks hold, and whether an error waits, under
+        # cond, whenever that changes: the compiled FUSE path leaves those to Python
+        self.on_pending: Callable[[list[tuple[int, int]], bool], None] = lambda r, e: None
         self.thread = threading.Thread(target=self._work, name=f"write-behind {vol.name}", daemon=True)
         self.thread.start()
 
@@ -291,11 +291,7 @@ class VolumeQueue:
 
     def announce(self) -> None:
         """Tell on_pending what the queue holds (the caller holds cond)."""
-        self.on_pending(len(self.chunks) + (self.error is not None))
-
-    def idle(self) -> bool:
-        """Nothing queued and no error waiting (a moment's answer)."""
-        return not self.chunks and self.error is None
+        self.on_pending([(c.start, c.start + CHUNK) for c in self.chunks], self.error is not None)
 
     def take_error(self) -> None:
         """Raise (once) an error the worker met since the last call."""
