@@ -29,14 +29,14 @@ def layers(ax):
         ("command line (click)  cli/", "#dbe9f6"),
         ("service: ops, runner, daemon + control socket,\nhooks orchestration  service/;  agent  operations/",
          "#e3f1df"),
-        ("engine: pool, ROW/COW volumes, snapshots,\nradix block maps, space, catalog  engine/", "#fdf0d5"),
+        ("engine: pool, ROW/COW volumes, snapshots, maps,\nspace, catalog, leases + C direct path  engine/", "#fdf0d5"),
         ("block store: pread/pwrite/fsync/punch  store/", "#f6dede"),
     ]
     for i, (t, c) in enumerate(rows):
         box(ax, 0.05, 0.78 - i * 0.2, 0.6, 0.15, t, c)
         if i:
             arrow(ax, (0.35, 0.78 - (i - 1) * 0.2), (0.35, 0.93 - i * 0.2))
-    subs = [("fuse/ (tree, daemon side)\nwrite-behind queue", "#eee"), ("hooks/ (freeze)", "#eee"),
+    subs = [("fuse/ (tree, daemon side)\nwrite-behind, C callbacks", "#eee"), ("hooks/ (freeze)", "#eee"),
             ("streams/ (send, receive)", "#eee"),
             ("backup/ (send stream in;\npacks, manifests, copy,\nverify coverage; file://, S3)", "#eee"),
             ("operations/ (policy, scheduler,\nagent, status, metrics, alerts)", "#eee"),

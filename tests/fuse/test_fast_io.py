@@ -25,6 +25,7 @@ from blocksnap.engine.pool import Pool
 from blocksnap.fuse import fast
 from blocksnap.fuse.fs import BlocksnapFS
 from blocksnap.fuse.mount import run_fuse
+from tests.conftest import run_cli
 
 MiB = 1 << 20
 
@@ -266,3 +267,25 @@ def test_cow_direct_writes_leave_every_snapshot_its_data(tmp_path):
         assert p.check()["clean"]
         for name, want in snaps:
             assert p.volume("v").get_snapshot(name).read(0, 8 * MiB) == want, f"reopened snapshot {name}"
+
+
+def test_the_daemon_reports_what_the_compiled_path_served(served):
+    """Through the real daemon: random 4 KiB I/O on the live image, then `pool
+    status` counts the requests that never reached Python."""
+    run_cli(served.pool, "serve", str(served.mnt), check=True)
+    img = served.mnt / "vm1" / "volume.img"
+    rnd = random.Random(3)
+    fd = os.open(img, os.O_RDWR)
+    try:
+        os.pwrite(fd, rnd.randbytes(4 * MiB), 0)
+        for _ in range(2000):
+            off = rnd.randrange(0, 4 * MiB - 4096) & ~4095
+            os.pwrite(fd, rnd.randbytes(4096), off)
+            os.pread(fd, 4096, rnd.randrange(0, 4 * MiB - 4096))
+    finally:
+        os.close(fd)
+    st = served.status()
+    assert st["direct_reads"] > 1000 and st["direct_writes"] > 1000, st
+    assert "served without Python" in served.cli("pool", "status").stdout
+    served.cli("stop")
+    served.cli("check")

@@ -42,6 +42,8 @@ def status(settings: Settings, as_json: bool) -> None:
              f"used:      {format_size(st['used'])} ({st['used_percent']}%)",
              f"free:      {format_size(st['free'])}",
              f"volumes:   {st['volumes']}", f"snapshots: {st['snapshots']}",
+             f"direct:    {st.get('direct_reads', 0)} reads, {st.get('direct_writes', 0)} writes"
+             " served without Python (since the pool opened)",
              f"health:    {st['health']}"]
     rows = [{"name": v["name"], "mode": v["mode"], "size": format_size(v["size"]),
              "allocated": format_size(v["allocated"]), "snapshots": len(v["snapshots"])}

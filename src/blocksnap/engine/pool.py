@@ -474,6 +474,7 @@ class Pool:
             self._check_open()
             total = (self.space.total - HEADER_UNITS) * UNIT
             used = self.space.used_units() * UNIT
+            direct_reads, direct_writes = self.direct.counts()
             return {
                 "pool": self.path, "uuid": self.uuid, "data": self.data_path,
                 "data_is_device": self.store.is_device,
@@ -481,6 +482,8 @@ class Pool:
                 "used_percent": round(100.0 * used / total, 2) if total else 0.0,
                 "host_allocated": self.store.allocated_bytes(),
                 "store_written": self.store.written,   # bytes written to the data store since open
+                # requests the compiled FUSE path served since open (engine/direct.py)
+                "direct_reads": direct_reads, "direct_writes": direct_writes,
                 "volumes": len(self._volumes),
                 "snapshots": sum(len(v.snapshot_rows) for v in self._volumes.values()),
                 "metadata_pages": int(self.pages.next_id - 1 - len(self.pages.free_ids)),
