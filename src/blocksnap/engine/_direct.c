@@ -126,7 +126,12 @@ static PyObject *lock_release(PoolLock *self, PyObject *unused)
 
 static PyObject *lock_enter(PoolLock *self, PyObject *unused)
 {
-    return lock_acquire(self, PyTuple_New(0), NULL);
+    PyObject *none = PyTuple_New(0);
+    if (none == NULL)
+        return NULL;
+    PyObject *r = lock_acquire(self, none, NULL);
+    Py_DECREF(none);
+    return r;
 }
 
 static PyObject *lock_exit(PoolLock *self, PyObject *args)
