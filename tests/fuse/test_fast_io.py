@@ -289,3 +289,29 @@ def test_the_daemon_reports_what_the_compiled_path_served(served):
     assert "served without Python" in served.cli("pool", "status").stdout
     served.cli("stop")
     served.cli("check")
+
+
+def test_queued_ranges_follow_the_queue():
+    """set_queued against a model: the slots always hold exactly the queue's ranges
+    (or everything is blocked: an error, or more ranges than slots)."""
+    d = direct._direct
+    da = direct.DirectAccess.__new__(direct.DirectAccess)   # (its state alone, no pool)
+    da.words = (d.H_WORDS, d.IM_WORDS)
+    da.state = np.zeros(da.words[0] + da.words[1], np.uint64)
+    rnd = random.Random(1)
+    ranges: list[tuple[int, int]] = []
+    for _ in range(3000):
+        if ranges and rnd.random() < 0.5:
+            ranges.pop(rnd.randrange(len(ranges)))
+        elif len(ranges) < 10:
+            start = rnd.randrange(0, 20) << 20
+            ranges.append((start, start + (4 << 20)))
+        error = rnd.random() < 0.05
+        da.set_queued(0, list(ranges), error)
+        words = da._im(0)
+        slots = words[d.IM_QUEUED:d.IM_QUEUED + 2 * d.QUEUE_SLOTS].reshape(-1, 2)
+        if error or len(ranges) > d.QUEUE_SLOTS:
+            assert words[d.IM_PENDING] == 1
+        else:
+            assert words[d.IM_PENDING] == 0
+            assert sorted((int(a), int(b)) for a, b in slots.tolist() if b) == sorted(set(ranges))

@@ -184,6 +184,14 @@ class DirectAccess:
         want = set(ranges) if len(ranges) <= d.QUEUE_SLOTS else set()
         have = {(int(lo), int(hi)) for lo, hi in q.tolist() if hi}
         free = [i for i in range(d.QUEUE_SLOTS) if not q[i, 1]]
+        if len(want - have) > len(free):   # no room to add before removing: all to Python meanwhile
+            words[d.IM_PENDING] = 1
+            q[:] = 0
+            for i, (lo, hi) in enumerate(sorted(want)):
+                q[i, 0], q[i, 1] = lo, hi
+            if not blocked:
+                words[d.IM_PENDING] = 0
+            return
         for lo, hi in want - have:
             i = free.pop()
             q[i, 0] = lo

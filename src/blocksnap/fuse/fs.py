@@ -172,8 +172,9 @@ class BlocksnapFS(mfusepy.Operations):
             self.pool.direct.set_queued(image, ranges, error)
 
     def _lease(self, h: Handle, offset: int, end: int) -> None:
-        """After the Python path served a small request: its blocks go to the
-        compiled path (not while a queue holds data, nor while hydrating)."""
+        """After the Python path served a small request: its leaf goes to the
+        compiled path (not while the queue has an error to report, nor while
+        hydrating; queued ranges stay Python's: set_queued)."""
         if h.image is None or end - offset > LEASE_MAX:
             return
         if h.snapshot is None:
