@@ -126,11 +126,13 @@ class DirectAccess:
             return None
         key = (vol.name, obj.name if snapshot else None)
         im = self._by_key.get(key)
-        if im is not None and im.obj is obj:
-            im.opens += 1
+        if im is not None and (im.obj.row is obj.row if snapshot else im.obj is obj):
+            im.opens += 1   # (a Snapshot object is made per lookup: the same row is the same snapshot)
             return im.slot
-        if im is not None:   # (an older object of the same name: a deleted and recreated one)
-            self._drop(im)
+        if im is not None:   # a deleted and recreated one of the same name: the old image
+            del self._by_key[key]   # serves nothing more, and goes with its last opener
+            self._clear(im)
+            self._im(im.slot)[_direct.IM_ACTIVE] = 0
         free = [s for s in range(MAX_IMAGES) if s not in self.images]
         if not free:
             return None
