@@ -265,14 +265,10 @@ class DirectAccess:
             if np.count_nonzero(ok):
                 flags[ok] |= np.uint64(d.LEASE_WRITE)
                 pool.inplace.cover(units[ok])   # (before any direct write there: the crash argument)
-                if len(pool.partial):
-                    for u in units[ok].tolist():
-                        pool.partial.drop(u)    # the direct path writes it now: no cached copy
+                pool.partial.drop_units(units[ok])   # the direct path writes them now: no cached copy
         rows = self._rows(im, blocks)
         t = im.table
-        old = rows[t[rows, 3] & np.uint64(d.LEASE_WRITTEN) != 0]
-        for r in old.tolist():
-            self._harvest_row(im, t[r])
+        self._harvest(im, rows)
         t[rows, 1] = (np.uint64(p) << np.uint64(16)) | idx
         t[rows, 2] = units
         t[rows, 3] = flags
@@ -300,8 +296,7 @@ class DirectAccess:
         words[d.IM_COW_OK] = 1
         rows = self._rows(im, blocks)
         t = im.table
-        if np.count_nonzero(t[rows, 3] & np.uint64(d.LEASE_WRITTEN)):
-            vol._origin_dirty = True
+        self._harvest(im, rows)
         t[rows, 1] = 0
         t[rows, 2] = 0
         t[rows, 3] = np.where(ok, d.LEASE_READ | d.LEASE_WRITE, d.LEASE_READ).astype(np.uint64)
@@ -320,9 +315,7 @@ class DirectAccess:
         rows = self._rows(im, blocks)
         hit = rows[im.table[rows, 0] == blocks + np.uint64(1)]
         if len(hit):
-            for r in hit.tolist():
-                if im.table[r, 3] & _direct.LEASE_WRITTEN:
-                    self._harvest_row(im, im.table[r])
+            self._harvest(im, hit)
             im.table[hit] = 0
 
     def revoke_all(self) -> None:
@@ -344,25 +337,24 @@ class DirectAccess:
         for im in self.images.values():
             self._harvest(im)
 
-    def _harvest(self, im: Image) -> None:
+    def _harvest(self, im: Image, rows: np.ndarray | None = None) -> None:
+        """Rows (default: all) that direct writes marked: their pages become dirty
+        (a COW origin: to be synced), and the mark goes."""
         if not im.live or not im.leased:
             return
-        flags = im.table[:, 3]
-        hit = np.flatnonzero(flags & np.uint64(_direct.LEASE_WRITTEN))
+        written = np.uint64(_direct.LEASE_WRITTEN)
+        if rows is None:
+            hit = np.flatnonzero(im.table[:, 3] & written)
+        else:
+            hit = rows[im.table[rows, 3] & written != 0]
         if not len(hit):
             return
         if im.cow:   # written to the origin: the next commit syncs it
-            flags[hit] &= ~np.uint64(_direct.LEASE_WRITTEN)
             im.obj._origin_dirty = True
-            return
-        self.pool.pages.dirty.update((im.table[hit, 1] >> np.uint64(16)).astype(np.int64).tolist())
-        flags[hit] &= ~np.uint64(_direct.LEASE_WRITTEN)
-        self.pool.mark_dirty(im.obj.name)
-
-    def _harvest_row(self, im: Image, row: np.ndarray) -> None:
-        self.pool.pages.dirty.add(int(row[1]) >> 16)
-        row[3] &= ~np.uint64(_direct.LEASE_WRITTEN)
-        self.pool.mark_dirty(im.obj.name)
+        else:
+            self.pool.pages.dirty.update((im.table[hit, 1] >> np.uint64(16)).astype(np.int64).tolist())
+            self.pool.mark_dirty(im.obj.name)
+        im.table[hit, 3] &= ~written
 
     def close(self) -> None:
         """The pool closes: every image goes (after a last harvest)."""

@@ -51,6 +51,14 @@ class PartialBlocks:
         if buf is not None:
             self.recycle(buf)
 
+    def drop_units(self, units) -> None:
+        """Drop every cached block among `units` (an array: looks at the cache, which
+        is small, not at each unit)."""
+        if self._blocks:
+            wanted = set(units.tolist())
+            for unit in [u for u in self._blocks if u in wanted]:
+                self.drop(unit)
+
     def recycle(self, buf: bytearray) -> None:
         if len(self._spare) < 8:
             self._spare.append(buf)
